@@ -1,0 +1,28 @@
+# One command each, on a fresh machine: `make test` creates .venv, installs the pinned
+# dependencies and runs lint plus the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: test lint bench-critics clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing later resolves a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/pytest
+
+bench-critics: $(BIN)/.installed
+	$(BIN)/python benchmarks/critic_heads.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

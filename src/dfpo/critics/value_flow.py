@@ -1,0 +1,355 @@
+"""DFPO's distributional critic: a value flow.
+
+A velocity field ``v(z, tau | h)`` carries base noise ``eps ~ N(0, sigma0^2)`` at ``tau = 0`` to samples of the
+return at ``tau = 1``; inference is one Euler step, ``Z = eps + v(eps, 0 | h)``. The field is trained by flow
+matching on straight paths between *sorted* noise and *sorted* target samples (the 1-D optimal-transport
+coupling), which is what makes one step reproduce the whole distribution rather than its mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dfpo.core.masked import explained_variance, masked_mean
+from dfpo.core.risk import cvar, risk_loss
+from dfpo.core.value_losses import flow_matching
+
+COUPLINGS = ("sorted", "independent")
+UNCERTAINTY_WEIGHTS = ("valueflows", "inverse", "none")
+ANCHORS = ("mean", "td", "none")
+CONSISTENCIES = ("endpoint", "velocity", "none")
+SOLVERS = ("euler", "heun")
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(valid)}")
+
+
+def stratified_noise(
+    shape: tuple[int, ...],
+    num_samples: int,
+    std: float = 1.0,
+    jitter: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Sorted Gaussian noise at stratified levels, ``[*shape, K]``.
+
+    ``eps_k = std * Phi^-1(u_k)`` with ``u_k = (k + 1/2) / K`` (midpoints), or with ``jitter`` a uniform draw
+    inside each stratum ``[k / K, (k + 1) / K)``, independently per position: still ascending in ``k``, so it keeps
+    the sorted coupling while covering the whole noise line during training.
+    """
+    k = torch.arange(num_samples, device=device, dtype=dtype)
+    if jitter:
+        offset = torch.rand((*shape, num_samples), generator=generator, device=device, dtype=dtype)
+        u = (k + offset) / num_samples
+    else:
+        u = ((k + 0.5) / num_samples).expand(*shape, num_samples)
+    u = u.clamp(1e-4, 1.0 - 1e-4)  # Phi^-1 is infinite at 0 and 1
+    return std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+
+
+class ValueFlowCritic(nn.Module):
+    """Velocity field of a value flow, conditioned on the critic backbone's hidden state at each token.
+
+    Architecture (per token, then per sample): ``h -> LayerNorm -> Linear -> SiLU -> Linear`` gives an input
+    bias and a FiLM scale/shift for each residual block; ``(z, tau)`` are embedded with Fourier features and a
+    linear layer; ``num_blocks`` residual MLP blocks are modulated by the FiLM parameters; a final linear layer
+    initialised to zero makes the initial flow the identity (``Z = eps``, ``V = 0``). The per-token part is
+    computed once and shared by the ``K`` samples, so a sample costs about ``2 * num_blocks * width^2`` MACs.
+
+    All internal arithmetic is in units of ``return_scale``: samples are ``return_scale * z``.
+
+    Args:
+        hidden_size: backbone hidden size ``H``.
+        width: width of the per-sample network.
+        num_blocks: residual blocks.
+        num_frequencies: Fourier frequencies for ``z`` and ``tau`` (``pi/4 * 2^j``).
+        return_scale: typical return magnitude (1 for {0, 1} rewards).
+        noise_std: ``sigma0`` of the base noise, in units of ``return_scale``.
+        value_range: optional ``(low, high)`` feasible return range; :meth:`sample` clamps to it.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        width: int = 128,
+        num_blocks: int = 2,
+        num_frequencies: int = 6,
+        return_scale: float = 1.0,
+        noise_std: float = 1.0,
+        value_range: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.width, self.num_blocks = width, num_blocks
+        self.return_scale, self.noise_std, self.value_range = return_scale, noise_std, value_range
+        self.register_buffer(
+            "frequencies", (math.pi / 4) * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32), persistent=False
+        )
+        self.condition = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.SiLU())
+        self.film = nn.Linear(width, width * (1 + 2 * num_blocks))
+        # Per-token affine part of the field, v = a(h) z + b(h) + net(z, tau, h): a Gaussian-shaped return
+        # distribution is exact with the net at zero, so the net only models the shape beyond it.
+        self.affine = nn.Linear(width, 2)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+        self.embed = nn.Linear(2 + 4 * num_frequencies, width)
+        self.block_in = nn.ModuleList(nn.Linear(width, width) for _ in range(num_blocks))
+        self.block_out = nn.ModuleList(nn.Linear(width, width) for _ in range(num_blocks))
+        self.out = nn.Linear(width, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    # -- the field -------------------------------------------------------------------------------------------
+
+    def _features(self, x: Tensor) -> Tensor:
+        angles = x.unsqueeze(-1) * self.frequencies
+        return torch.cat([x.unsqueeze(-1), angles.sin(), angles.cos()], dim=-1)
+
+    def velocity(self, z: Tensor, tau: Tensor | float, cond: Tensor) -> Tensor:
+        """``v(z, tau | h)`` in normalised units.
+
+        Args:
+            z: ``[..., K]`` positions along the flow (normalised by ``return_scale``).
+            tau: flow time, a float or a tensor broadcastable to ``z``.
+            cond: ``[..., (1 + 2 * num_blocks) * width + 2]`` from :meth:`conditioning`.
+        Returns:
+            ``[..., K]``.
+        """
+        tau = torch.as_tensor(tau, dtype=z.dtype, device=z.device).expand_as(z)
+        film = cond[..., :-2].unsqueeze(-2).split(self.width, dim=-1)  # each [..., 1, width]
+        slope, offset = cond[..., -2:-1], cond[..., -1:]
+        x = torch.nn.functional.silu(self.embed(torch.cat([self._features(z), self._features(tau)], -1)) + film[0])
+        for b in range(self.num_blocks):
+            y = self.block_in[b](x) * (1.0 + film[1 + 2 * b]) + film[2 + 2 * b]
+            x = x + self.block_out[b](torch.nn.functional.silu(y))
+        return self.out(x).squeeze(-1) + slope * z + offset
+
+    def conditioning(self, hidden: Tensor) -> Tensor:
+        """Per-token conditioning ``[..., H] -> [..., (1 + 2 * num_blocks) * width + 2]``."""
+        c = self.condition(hidden)
+        return torch.cat([self.film(c), self.affine(c)], dim=-1)
+
+    def _integrate(self, eps: Tensor, cond: Tensor, steps: int, solver: str) -> Tensor:
+        z = eps
+        dt = 1.0 / steps
+        for n in range(steps):
+            v = self.velocity(z, n * dt, cond)
+            if solver == "heun":
+                v = 0.5 * (v + self.velocity(z + dt * v, (n + 1) * dt, cond))
+            z = z + dt * v
+        return z
+
+    # -- inference -------------------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        hidden: Tensor,
+        num_samples: int = 32,
+        steps: int = 1,
+        solver: str = "euler",
+        stratified: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Return samples ``[..., H] -> [..., K]``, sorted ascending when ``stratified``.
+
+        One Euler step by default (``Z = eps + v(eps, 0 | h)``); ``steps > 1`` or ``solver="heun"`` integrate
+        more finely (ablations). Stratified noise makes the ``K`` samples quantiles at levels ``(k + 1/2) / K``;
+        ``stratified=False`` draws i.i.d. noise instead. Clamped to ``value_range`` if one is set.
+        """
+        _check("solver", solver, SOLVERS)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        shape = tuple(hidden.shape[:-1])
+        if stratified:
+            eps = stratified_noise(shape, num_samples, self.noise_std, device=hidden.device, dtype=hidden.dtype)
+        else:
+            eps = self.noise_std * torch.randn(
+                (*shape, num_samples), generator=generator, device=hidden.device, dtype=hidden.dtype
+            )
+        z = self._integrate(eps, self.conditioning(hidden), steps, solver) * self.return_scale
+        if self.value_range is not None:
+            z = z.clamp(*self.value_range)
+        return z
+
+    def value(self, hidden: Tensor, num_samples: int = 32) -> Tensor:
+        """``V = mean_k Z^k`` of one-step stratified samples, ``[..., H] -> [...]``."""
+        return self.sample(hidden, num_samples).mean(-1)
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def loss(
+        self,
+        hidden: Tensor,
+        target_samples: Tensor,
+        mask: Tensor,
+        *,
+        coupling: str = "sorted",
+        noise_jitter: bool = True,
+        tau_zero_prob: float = 0.25,
+        uncertainty_weight: str = "valueflows",
+        uncertainty_c: float = 0.3,
+        anchor: str = "mean",
+        anchor_weight: float = 1.0,
+        anchor_samples: Tensor | None = None,
+        consistency: str = "endpoint",
+        consistency_weight: float = 0.1,
+        consistency_steps: int = 4,
+        risk_weight: float = 0.1,
+        risk_alpha: float = 0.1,
+        risk_beta: float = 0.1,
+        cvar_weight: float = 1.0,
+        gain_weight: float = 1.0,
+        shape_weight: float = 1.0,
+        shift_weight: float = 0.0,
+        curvature_weight: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The critic's training loss.
+
+        ``L = L_cfm + anchor_weight * L_anchor + consistency_weight * L_geo + risk_weight * L_risk``:
+
+        - ``L_cfm``: flow matching on straight paths ``x_tau = (1 - tau) eps_(k) + tau Zhat_(k)``,
+          ``u = Zhat_(k) - eps_(k)``, ``tau ~ U(0, 1)``, weighted per token by the uncertainty weight
+          ``w = sigmoid(-c / sigma) + 1/2`` (``valueflows``; ``inverse`` is ``3/2 - sigmoid(-c / sigma)``;
+          ``none`` is 1), ``sigma`` the std of the critic's current one-step samples (no grad).
+          ``coupling="sorted"`` pairs sorted noise with sorted targets; ``"independent"`` pairs i.i.d. noise
+          with targets in random order, which makes the one-step samples collapse to the mean (kept to show it).
+        - ``L_anchor``: ``mean``: squared error of the one-step mean onto the target mean; ``td``: the same flow
+          matching onto ``anchor_samples`` (one-step TD targets ``r_t + gamma Z_{t+1}``); ``none``.
+        - ``L_geo``: ``endpoint``: one-step samples onto the stop-gradient ``consistency_steps``-step Euler
+          solution from the same noise; ``velocity``: ``v`` along the one-step line equals ``v(eps, 0)``; ``none``.
+        - ``L_risk``: :func:`dfpo.core.risk.risk_loss` of the sorted one-step samples against the targets.
+
+        Args:
+            hidden: ``[..., H]`` critic hidden states, with grad.
+            target_samples: ``[..., K]`` target return samples (distributional GAE), no grad; any ``K >= 2``.
+            mask: ``[...]`` 1 on positions that count.
+            anchor_samples: ``[..., K]`` for ``anchor="td"``.
+        Returns:
+            ``(loss, metrics)`` with ``critic/loss``, each term, ``critic/value_mean``, ``critic/dist_std``,
+            ``critic/cvar`` (CVaR at ``risk_alpha``), ``critic/explained_var``, ``critic/uncertainty_weight``.
+        """
+        _check("coupling", coupling, COUPLINGS)
+        _check("uncertainty_weight", uncertainty_weight, UNCERTAINTY_WEIGHTS)
+        _check("anchor", anchor, ANCHORS)
+        _check("consistency", consistency, CONSISTENCIES)
+        num_samples = target_samples.shape[-1]
+        if num_samples < 2:
+            raise ValueError(f"target_samples needs K >= 2 samples in its last dim, got shape {target_samples.shape}")
+        if anchor == "td" and anchor_samples is None:
+            raise ValueError('anchor="td" needs anchor_samples (one-step TD targets); or use anchor="mean"')
+
+        cond = self.conditioning(hidden)
+        shape = tuple(target_samples.shape[:-1])
+        targets = target_samples.detach() / self.return_scale
+
+        # One-step samples from midpoint noise, with grad: the critic's distribution as it is used.
+        eps_mid = stratified_noise(shape, num_samples, self.noise_std, device=hidden.device, dtype=hidden.dtype)
+        one_step = eps_mid + self.velocity(eps_mid, 0.0, cond)
+        sigma = one_step.detach().std(-1) * self.return_scale
+        if uncertainty_weight == "valueflows":
+            weight = torch.sigmoid(-uncertainty_c / sigma.clamp_min(1e-6)) + 0.5
+        elif uncertainty_weight == "inverse":
+            weight = 1.5 - torch.sigmoid(-uncertainty_c / sigma.clamp_min(1e-6))
+        else:
+            weight = None
+
+        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, tau_zero_prob, generator)
+        total = cfm
+        metrics: dict[str, float] = {"critic/cfm_loss": float(cfm.detach())}
+
+        if anchor == "mean":
+            anchor_loss = masked_mean((one_step.mean(-1) - targets.mean(-1)) ** 2, mask)
+        elif anchor == "td":
+            anchor_targets = anchor_samples.detach() / self.return_scale
+            anchor_loss, _ = self._flow_matching(
+                cond, anchor_targets, mask, weight, coupling, noise_jitter, tau_zero_prob, generator
+            )
+        if anchor != "none":
+            total = total + anchor_weight * anchor_loss
+            metrics["critic/anchor_loss"] = float(anchor_loss.detach())
+
+        if consistency != "none":
+            geo = self._consistency(consistency, eps_mid, one_step, cond, consistency_steps, generator)
+            geo = masked_mean(geo, mask)
+            total = total + consistency_weight * geo
+            metrics["critic/consistency_loss"] = float(geo.detach())
+
+        if risk_weight != 0.0:
+            risk, risk_metrics = risk_loss(
+                one_step, targets, mask, risk_alpha, risk_beta, cvar_weight, gain_weight, shape_weight,
+                shift_weight, curvature_weight,
+            )  # fmt: skip
+            total = total + risk_weight * risk
+            metrics.update(risk_metrics)
+
+        with torch.no_grad():
+            dist = one_step * self.return_scale
+            value = dist.mean(-1)
+            metrics.update(
+                {
+                    "critic/loss": float(total),
+                    "critic/value_mean": float(masked_mean(value, mask)),
+                    "critic/dist_std": float(masked_mean(sigma, mask)),
+                    "critic/cvar": float(masked_mean(cvar(dist, risk_alpha), mask)),
+                    "critic/explained_var": float(explained_variance(value, target_samples.mean(-1), mask)),
+                    "critic/uncertainty_weight": 1.0 if weight is None else float(masked_mean(weight, mask)),
+                }
+            )
+        return total, metrics
+
+    def _flow_matching(
+        self,
+        cond: Tensor,
+        targets: Tensor,
+        mask: Tensor,
+        weight: Tensor | None,
+        coupling: str,
+        jitter: bool,
+        tau_zero_prob: float,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        shape, num_samples = tuple(targets.shape[:-1]), targets.shape[-1]
+        kw = {"device": targets.device, "dtype": targets.dtype}
+        if coupling == "sorted" and jitter == "iid":
+            eps = torch.sort(self.noise_std * torch.randn((*shape, num_samples), generator=generator, **kw), -1).values
+            x1 = torch.sort(targets, dim=-1).values
+        elif coupling == "sorted":
+            eps = stratified_noise(shape, num_samples, self.noise_std, jitter=jitter, generator=generator, **kw)
+            x1 = torch.sort(targets, dim=-1).values
+        else:
+            eps = self.noise_std * torch.randn((*shape, num_samples), generator=generator, **kw)
+            order = torch.rand((*shape, num_samples), generator=generator, **kw).argsort(-1)
+            x1 = targets.gather(-1, order)
+        tau = torch.rand((*shape, num_samples), generator=generator, **kw)
+        if tau_zero_prob > 0.0:
+            # One Euler step only ever reads the field at tau = 0: train it there directly as well.
+            at_zero = torch.rand((*shape, num_samples), generator=generator, **kw) < tau_zero_prob
+            tau = torch.where(at_zero, 0.0, tau)
+        x_tau = (1.0 - tau) * eps + tau * x1
+        return flow_matching(self.velocity(x_tau, tau, cond), x1 - eps, mask, weight)
+
+    def _consistency(
+        self,
+        form: str,
+        eps: Tensor,
+        one_step: Tensor,
+        cond: Tensor,
+        steps: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Per-token geometric consistency ``[...]`` (see :meth:`loss`)."""
+        if form == "endpoint":
+            with torch.no_grad():
+                solution = self._integrate(eps, cond.detach(), steps, "euler")
+            return ((one_step - solution) ** 2).mean(-1)
+        v0 = one_step - eps
+        tau = torch.rand(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+        v_tau = self.velocity(eps + tau * v0.detach(), tau, cond)
+        return ((v_tau - v0) ** 2).mean(-1)
