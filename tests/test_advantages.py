@@ -201,7 +201,7 @@ def test_compute_passes_only_declared_inputs_and_names_missing_ones(gen):
     rewards = torch.randn(len(LENGTHS), T, generator=gen)
     values = torch.randn(len(LENGTHS), T, generator=gen)
     pool = {"rewards": rewards, "values": values, "mask": mask, "gamma": 1.0, "lam": 0.95, "scores": None}
-    adv, ret, metrics = advantages.compute("gae", **pool)
+    adv, _, metrics = advantages.compute("gae", **pool)
     torch.testing.assert_close(adv, gae(rewards, values, mask)[0])
     assert math.isfinite(metrics["adv/mean"])
     with pytest.raises(TypeError, match="'grpo' needs scores, group"):

@@ -19,7 +19,9 @@ def test_ppo_clip_gradient_vanishes_exactly_where_the_clipped_branch_is_active(c
     old, logp, adv = ratio_grid()
     logp = logp.clone().requires_grad_(True)
     mask = torch.ones(1, 13)
-    loss, metrics = ppo_clip(logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, aggregation="seq-mean-token-sum")
+    loss, metrics = ppo_clip(
+        logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, aggregation="seq-mean-token-sum"
+    )
     loss.backward()
     ratio = logp.detach().exp()[0]
     a = adv[0]

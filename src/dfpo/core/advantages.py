@@ -56,7 +56,9 @@ def _td_lambda(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam:
     valid = mask.bool().reshape(mask.shape + (1,) * (values.dim() - 2))
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(valid, values, zero)
-    rewards = torch.where(mask.bool(), rewards.to(values.dtype), zero).reshape(valid.shape[:2] + (1,) * (values.dim() - 2))
+    rewards = torch.where(mask.bool(), rewards.to(values.dtype), zero).reshape(
+        valid.shape[:2] + (1,) * (values.dim() - 2)
+    )
     deltas = rewards + gamma * _next_valid(values, mask) - values
     advantages = _reverse_scan(deltas, mask, gamma * lam)
     returns = torch.where(valid, advantages + values, zero)
@@ -64,9 +66,7 @@ def _td_lambda(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam:
 
 
 @register("gae")
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last valid token is 0),

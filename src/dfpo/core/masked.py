@@ -55,9 +55,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return _zero_masked(whitened, mask)[0]
 
 
-def aggregate_loss(
-    loss: Tensor, mask: Tensor, mode: str = "token-mean", normalizer: float | None = None
-) -> Tensor:
+def aggregate_loss(loss: Tensor, mask: Tensor, mode: str = "token-mean", normalizer: float | None = None) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar.
 
     - ``token-mean``: mean over every valid token of the batch (long responses weigh more).

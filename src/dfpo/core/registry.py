@@ -39,9 +39,7 @@ class Registry:
         try:
             return self._functions[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}"
-            ) from None
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
 
     def inputs(self, name: str) -> tuple[list[str], list[str]]:
         """``(required, optional)`` parameter names of the function registered as ``name``."""

@@ -156,7 +156,7 @@ class ValueFlowCritic(nn.Module):
         stratified: bool = True,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Return samples ``[..., H] -> [..., K]``, sorted ascending when ``stratified``.
+        """Return samples ``[..., H] -> [..., K]``; stratified samples are sorted, sample k at level (k + 1/2) / K.
 
         One Euler step by default (``Z = eps + v(eps, 0 | h)``); ``steps > 1`` or ``solver="heun"`` integrate
         more finely (ablations). Stratified noise makes the ``K`` samples quantiles at levels ``(k + 1/2) / K``;
@@ -173,6 +173,11 @@ class ValueFlowCritic(nn.Module):
                 (*shape, num_samples), generator=generator, device=hidden.device, dtype=hidden.dtype
             )
         z = self._integrate(eps, self.conditioning(hidden), steps, solver) * self.return_scale
+        if stratified:
+            # The exact flow is monotone in eps; a coarse Euler step can swap near neighbours. Sorting is the
+            # monotone rearrangement (it never increases the error against the true quantiles) and keeps sample k
+            # at quantile level k, which distributional GAE relies on.
+            z = torch.sort(z, dim=-1).values
         if self.value_range is not None:
             z = z.clamp(*self.value_range)
         return z
@@ -191,21 +196,20 @@ class ValueFlowCritic(nn.Module):
         *,
         coupling: str = "sorted",
         noise_jitter: bool = True,
-        tau_zero_prob: float = 0.25,
         uncertainty_weight: str = "valueflows",
         uncertainty_c: float = 0.3,
         anchor: str = "mean",
         anchor_weight: float = 1.0,
         anchor_samples: Tensor | None = None,
-        consistency: str = "endpoint",
-        consistency_weight: float = 0.1,
+        consistency: str = "velocity",
+        consistency_weight: float = 1.0,
         consistency_steps: int = 4,
         risk_weight: float = 0.1,
         risk_alpha: float = 0.1,
         risk_beta: float = 0.1,
         cvar_weight: float = 1.0,
         gain_weight: float = 1.0,
-        shape_weight: float = 1.0,
+        shape_weight: float = 0.0,
         shift_weight: float = 0.0,
         curvature_weight: float = 0.0,
         generator: torch.Generator | None = None,
@@ -260,7 +264,7 @@ class ValueFlowCritic(nn.Module):
         else:
             weight = None
 
-        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, tau_zero_prob, generator)
+        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, generator)
         total = cfm
         metrics: dict[str, float] = {"critic/cfm_loss": float(cfm.detach())}
 
@@ -268,9 +272,7 @@ class ValueFlowCritic(nn.Module):
             anchor_loss = masked_mean((one_step.mean(-1) - targets.mean(-1)) ** 2, mask)
         elif anchor == "td":
             anchor_targets = anchor_samples.detach() / self.return_scale
-            anchor_loss, _ = self._flow_matching(
-                cond, anchor_targets, mask, weight, coupling, noise_jitter, tau_zero_prob, generator
-            )
+            anchor_loss, _ = self._flow_matching(cond, anchor_targets, mask, weight, coupling, noise_jitter, generator)
         if anchor != "none":
             total = total + anchor_weight * anchor_loss
             metrics["critic/anchor_loss"] = float(anchor_loss.detach())
@@ -312,15 +314,11 @@ class ValueFlowCritic(nn.Module):
         weight: Tensor | None,
         coupling: str,
         jitter: bool,
-        tau_zero_prob: float,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, dict[str, float]]:
         shape, num_samples = tuple(targets.shape[:-1]), targets.shape[-1]
         kw = {"device": targets.device, "dtype": targets.dtype}
-        if coupling == "sorted" and jitter == "iid":
-            eps = torch.sort(self.noise_std * torch.randn((*shape, num_samples), generator=generator, **kw), -1).values
-            x1 = torch.sort(targets, dim=-1).values
-        elif coupling == "sorted":
+        if coupling == "sorted":
             eps = stratified_noise(shape, num_samples, self.noise_std, jitter=jitter, generator=generator, **kw)
             x1 = torch.sort(targets, dim=-1).values
         else:
@@ -328,10 +326,6 @@ class ValueFlowCritic(nn.Module):
             order = torch.rand((*shape, num_samples), generator=generator, **kw).argsort(-1)
             x1 = targets.gather(-1, order)
         tau = torch.rand((*shape, num_samples), generator=generator, **kw)
-        if tau_zero_prob > 0.0:
-            # One Euler step only ever reads the field at tau = 0: train it there directly as well.
-            at_zero = torch.rand((*shape, num_samples), generator=generator, **kw) < tau_zero_prob
-            tau = torch.where(at_zero, 0.0, tau)
         x_tau = (1.0 - tau) * eps + tau * x1
         return flow_matching(self.velocity(x_tau, tau, cond), x1 - eps, mask, weight)
 
