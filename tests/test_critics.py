@@ -123,6 +123,7 @@ def test_flow_critic_loss_runs_with_every_option_and_any_k(gen):
             {"coupling": "independent", "uncertainty_weight": "inverse", "consistency": "velocity"},
             {"anchor": "td", "anchor_samples": targets + 0.1, "uncertainty_weight": "none", "consistency": "none"},
             {"anchor": "none", "risk_weight": 0.0, "shift_weight": 1.0, "curvature_weight": 1.0},
+            {"anchor": "quantile", "consistency": "endpoint", "shape_weight": 1.0},
         ):
             loss, metrics = critic.loss(hidden, targets, mask, generator=gen, **options)
             assert torch.isfinite(loss)

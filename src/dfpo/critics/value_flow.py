@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from dfpo.core.masked import explained_variance, masked_mean
 from dfpo.core.risk import cvar, risk_loss
-from dfpo.core.value_losses import flow_matching
+from dfpo.core.value_losses import flow_matching, quantile_huber, quantile_levels
 
 COUPLINGS = ("sorted", "independent")
 UNCERTAINTY_WEIGHTS = ("valueflows", "inverse", "none")
-ANCHORS = ("mean", "td", "none")
+ANCHORS = ("mean", "quantile", "td", "none")
 CONSISTENCIES = ("endpoint", "velocity", "none")
 SOLVERS = ("euler", "heun")
 
@@ -201,6 +201,7 @@ class ValueFlowCritic(nn.Module):
         anchor: str = "mean",
         anchor_weight: float = 1.0,
         anchor_samples: Tensor | None = None,
+        anchor_kappa: float = 0.05,
         consistency: str = "velocity",
         consistency_weight: float = 1.0,
         consistency_steps: int = 4,
@@ -223,9 +224,11 @@ class ValueFlowCritic(nn.Module):
           ``w = sigmoid(-c / sigma) + 1/2`` (``valueflows``; ``inverse`` is ``3/2 - sigmoid(-c / sigma)``;
           ``none`` is 1), ``sigma`` the std of the critic's current one-step samples (no grad).
           ``coupling="sorted"`` pairs sorted noise with sorted targets; ``"independent"`` pairs i.i.d. noise
-          with targets in random order, which makes the one-step samples collapse to the mean (kept to show it).
-        - ``L_anchor``: ``mean``: squared error of the one-step mean onto the target mean; ``td``: the same flow
-          matching onto ``anchor_samples`` (one-step TD targets ``r_t + gamma Z_{t+1}``); ``none``.
+          with targets in random order, under which flow matching alone collapses one-step samples to the mean.
+        - ``L_anchor``: ``mean``: squared error of the one-step mean onto the target mean; ``quantile``: quantile
+          Huber (``anchor_kappa``) of the one-step samples at levels ``(k + 1/2) / K`` onto all targets, whose
+          minimiser is the quantile of the targets pooled over tokens; ``td``: the same flow matching onto
+          ``anchor_samples`` (one-step TD targets ``r_t + gamma Z_{t+1}``); ``none``.
         - ``L_geo``: ``endpoint``: one-step samples onto the stop-gradient ``consistency_steps``-step Euler
           solution from the same noise; ``velocity``: ``v`` along the one-step line equals ``v(eps, 0)``; ``none``.
         - ``L_risk``: :func:`dfpo.core.risk.risk_loss` of the sorted one-step samples against the targets.
@@ -270,6 +273,9 @@ class ValueFlowCritic(nn.Module):
 
         if anchor == "mean":
             anchor_loss = masked_mean((one_step.mean(-1) - targets.mean(-1)) ** 2, mask)
+        elif anchor == "quantile":
+            levels = quantile_levels(num_samples, hidden.device, hidden.dtype)
+            anchor_loss, _ = quantile_huber(one_step, targets, mask, kappa=anchor_kappa, taus=levels)
         elif anchor == "td":
             anchor_targets = anchor_samples.detach() / self.return_scale
             anchor_loss, _ = self._flow_matching(cond, anchor_targets, mask, weight, coupling, noise_jitter, generator)
