@@ -1,0 +1,1 @@
+"""Tasks: prompts, strict answer extraction, verifiers and noisy supervision."""
