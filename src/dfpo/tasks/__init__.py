@@ -1,1 +1,9 @@
-"""Tasks: prompts, strict answer extraction, verifiers and noisy supervision."""
+"""Tasks: prompts, strict answer extraction, verifiers and noisy supervision.
+
+``dfpo.tasks.get(name, **options)`` builds a registered task; ``dfpo.tasks.names()`` lists them.
+"""
+
+from dfpo.tasks import arithmetic, user  # noqa: F401  (registers the tasks)
+from dfpo.tasks.base import TASKS, Task, get, names
+
+__all__ = ["TASKS", "Task", "get", "names"]

@@ -1,0 +1,67 @@
+"""The task interface and its registry.
+
+A task loads examples (dicts with at least ``prompt`` and ``answer``), turns an example into chat messages, and
+scores a completion with ``score(completion, example) -> float`` in [0, 1]. Verifier failures are counted in
+``task.verifier_errors`` and logged, never folded silently into a zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+from dfpo.core.registry import Registry
+
+TASKS = Registry("task")
+register = TASKS.register
+names = TASKS.names
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+class Task(ABC):
+    """Base class: subclasses set ``name`` and ``splits`` and implement :meth:`examples` and :meth:`score`."""
+
+    name: str = ""
+    splits: tuple[str, ...] = ("train", "eval")
+    system_prompt: str | None = None
+
+    def __init__(self) -> None:
+        self.verifier_errors = 0
+
+    @abstractmethod
+    def examples(self, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Examples of ``split`` (each with ``prompt`` and ``answer``), in a fixed order."""
+
+    @abstractmethod
+    def score(self, completion: str, example: dict[str, Any]) -> float:
+        """Reward of ``completion`` for ``example``, in [0, 1]."""
+
+    def score_batch(self, completions: list[str], examples: list[dict[str, Any]]) -> list[float | None]:
+        """Rewards of a batch; ``None`` skips a sample. The default scores each completion on its own."""
+        return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
+
+    def messages(self, example: dict[str, Any]) -> Messages:
+        """Chat messages for the example: a string prompt becomes one user turn; a message list is kept."""
+        prompt = example["prompt"]
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no split {split!r}; it has {', '.join(self.splits)}")
+
+    def _verifier_failed(self, error: Exception, example: dict[str, Any]) -> float:
+        self.verifier_errors += 1
+        logger.warning("task %s: verifier error #%d on %r: %s", self.name, self.verifier_errors, example, error)
+        return 0.0
+
+
+def get(name: str, **options: Any) -> Task:
+    """A new instance of task ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
+    return TASKS.get(name)(**options)

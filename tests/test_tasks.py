@@ -1,0 +1,154 @@
+"""Task registry, the generated arithmetic task, and the user's data and reward functions."""
+
+import json
+
+import pytest
+
+import dfpo.tasks as tasks
+from dfpo.tasks.user import DataError, RewardFunctionError, UserTask, call_reward, load_reward_function
+
+
+def test_registry():
+    assert {"arithmetic", "user"} <= set(tasks.names())
+    with pytest.raises(KeyError, match="unknown task 'arith'; registered: arithmetic"):
+        tasks.get("arith")
+
+
+def test_arithmetic_splits_are_disjoint_and_deterministic():
+    task = tasks.get("arithmetic", min_terms=2, max_terms=4, eval_size=200)
+    train = task.examples("train", 2000)
+    evaluation = task.examples("eval")
+    assert len(evaluation) == 200
+    assert not {e["expression"] for e in train} & {e["expression"] for e in evaluation}
+    assert train == tasks.get("arithmetic", min_terms=2, max_terms=4, eval_size=200).examples("train", 2000)
+    assert {e["terms"] for e in train} == {2, 3, 4}
+    with pytest.raises(ValueError, match="no split 'test'; it has train, eval"):
+        task.examples("test")
+
+
+def test_arithmetic_scores_the_marked_answer_only():
+    task = tasks.get("arithmetic", operators="+-*")
+    example = task.examples("eval", 1)[0]
+    assert task.score(example["solution"], example) == 1.0
+    answer = example["answer"]
+    assert task.score(f"I think {answer}.", example) == 0.0
+    assert task.score(f"The answer is {int(answer) + 1}.", example) == 0.0
+    assert task.messages(example) == [{"role": "user", "content": example["prompt"]}]
+
+
+def test_arithmetic_left_to_right_steps():
+    task = tasks.get("arithmetic", min_terms=3, max_terms=3, operators="*-", digits=1, eval_size=50)
+    for e in task.examples("eval"):
+        numbers = [int(t) for t in e["expression"].split()[::2]]
+        ops = e["expression"].split()[1::2]
+        value = numbers[0]
+        for op, n in zip(ops, numbers[1:], strict=True):
+            value = value * n if op == "*" else value - n
+        assert e["answer"] == str(value)
+
+
+def test_arithmetic_refuses_impossible_settings():
+    with pytest.raises(ValueError, match=r"only \d+ distinct problems"):
+        tasks.get("arithmetic", min_terms=2, max_terms=2, digits=1, operators="+", eval_size=500)
+    with pytest.raises(ValueError, match="operators from"):
+        tasks.get("arithmetic", operators="/")
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_user_data_problems_are_reported_by_row_number(tmp_path):
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": "2+2?", "answer": "4"},
+            {"answer": "1"},
+            {"prompt": 5, "answer": "1"},
+            "{not json",
+            {"prompt": [{"role": "user"}], "answer": "1"},
+            {"prompt": "ok", "answer": None},
+            {"prompt": "   ", "answer": "3"},
+        ],
+    )
+    with pytest.raises(DataError, match=r"row 4: not valid JSON"):
+        UserTask(path)
+    (tmp_path / "data.jsonl").write_text(
+        (tmp_path / "data.jsonl").read_text().replace("{not json\n", '{"prompt": "fine", "answer": "2"}\n')
+    )
+    with pytest.raises(DataError) as info:
+        UserTask(path)
+    message = str(info.value)
+    assert "5 problem(s)" in message
+    for expected in (
+        "row 2: 'prompt' is missing",
+        "row 3: 'prompt' must be a string or a non-empty list of chat messages, got int",
+        "row 5: 'prompt' message 0 needs string 'role' and 'content' fields",
+        "row 6: 'answer' is missing",
+        "row 7: 'prompt' is empty",
+    ):
+        assert expected in message
+
+
+def test_user_parquet_and_default_scoring(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    task = UserTask(str(tmp_path / "d.parquet"), eval_fraction=0.25, seed=1)
+    train, evaluation = task.examples("train"), task.examples("eval")
+    assert len(evaluation) == 5 and len(train) == 15
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    e = evaluation[0]
+    assert task.score(f"The answer is {e['answer']}.", e) == 1.0
+    assert task.score(e["answer"], e) == 0.0
+
+
+REWARDS = """
+def length_penalty(completions, answer, **_):
+    return [None if c == "skip" else float(c.strip() == a) - 0.01 * len(c) for c, a in zip(completions, answer)]
+
+def wrong_length(completions, **_):
+    return [1.0]
+
+def not_a_number(completions, **_):
+    return ["high" for _ in completions]
+"""
+
+
+def test_reward_function_by_file_and_by_dotted_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    fn = load_reward_function(f"{tmp_path / 'my_rewards.py'}:length_penalty")
+    rows = [{"prompt": "p", "answer": "4", "_row": 1}, {"prompt": "q", "answer": "5", "_row": 2}]
+    assert call_reward(fn, ["4", "skip"], rows) == [pytest.approx(0.99), None]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward_function("my_rewards.length_penalty") is not None
+    assert load_reward_function("my_rewards:length_penalty") is not None
+
+
+def test_reward_function_errors_name_the_problem(tmp_path, monkeypatch):
+    (tmp_path / "bad_rewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"prompt": "p"}, {"prompt": "q"}]
+    with pytest.raises(RewardFunctionError, match="must return a list of 2 floats or None, got list of length 1"):
+        call_reward(load_reward_function("bad_rewards:wrong_length"), ["a", "b"], rows)
+    with pytest.raises(RewardFunctionError, match="returned 'high' for sample 0"):
+        call_reward(load_reward_function("bad_rewards:not_a_number"), ["a", "b"], rows)
+    with pytest.raises(RewardFunctionError, match="has no function 'missing'"):
+        load_reward_function("bad_rewards:missing")
+    with pytest.raises(RewardFunctionError, match="cannot import 'no_such_module'"):
+        load_reward_function("no_such_module:f")
+    with pytest.raises(RewardFunctionError, match="does not exist"):
+        load_reward_function("nowhere/r.py:f")
+
+
+def test_user_task_with_reward_function_needs_no_answer_column(tmp_path):
+    (tmp_path / "r.py").write_text(
+        "def starts_yes(completions, **_):\n    return [float(c.startswith('yes')) for c in completions]\n"
+    )
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say yes"}] * 10)
+    task = UserTask(data, reward=f"{tmp_path / 'r.py'}:starts_yes")
+    rows = task.examples("train", 2)
+    assert task.score_batch(["yes!", "no"], rows) == [1.0, 0.0]
