@@ -27,7 +27,7 @@ def test_math_verify_equivalences(verifier):
 def test_math_verify_times_out_inside_a_worker_thread_and_recovers(verifier):
     """An input that makes sympy run for minutes is cut off at the timeout, from a non-main thread."""
     slow = MathVerifier(timeout=3.0)
-    slow("1", "1")  # start the worker, so the timing below is the check's own
+    slow("1", "1")  # the worker's start-up (spawn, import sympy) is bounded separately, not by the 3 s
     outcome = {}
 
     def run():

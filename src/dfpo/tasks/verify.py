@@ -33,6 +33,10 @@ def _verify_in_worker(gold: str, answer: str) -> bool:
     return bool(answer_parsed) and verify(gold_parsed, answer_parsed, timeout_seconds=None)
 
 
+def _import_in_worker() -> None:
+    import math_verify  # noqa: F401  (the first import of sympy takes seconds)
+
+
 def _as_latex(text: str) -> str:
     text = text.strip()
     return text if text.startswith("$") or "\\boxed" in text else f"${text}$"
@@ -41,11 +45,12 @@ def _as_latex(text: str) -> str:
 class MathVerifier:
     """``verifier(gold, answer) -> bool``: mathematical equivalence of two final answers (LaTeX or plain).
 
-    One worker process is started on first use and reused; it is replaced after a timeout or crash.
+    One worker process is started on first use and reused; it is replaced after a timeout or crash. Starting it
+    (spawning Python and importing sympy) is bounded by ``startup_timeout``, not by ``timeout``.
     """
 
-    def __init__(self, timeout: float = 10.0) -> None:
-        self.timeout = timeout
+    def __init__(self, timeout: float = 10.0, startup_timeout: float = 300.0) -> None:
+        self.timeout, self.startup_timeout = timeout, startup_timeout
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -53,6 +58,11 @@ class MathVerifier:
         if self._pool is None:
             # spawn: a forked copy of a process that holds torch's thread pools can deadlock.
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                self._pool.submit(_import_in_worker).result(timeout=self.startup_timeout)
+            except Exception as error:
+                self._kill()
+                raise VerifierError(f"the math-verify worker did not start: {error!r}") from error
         return self._pool
 
     def _kill(self) -> None:
