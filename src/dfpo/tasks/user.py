@@ -134,7 +134,8 @@ def load_reward_function(spec: str) -> Callable[..., list[float | None]]:
 
 def call_reward(fn: Callable[..., Any], completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
     """Call a reward function with the rows' columns as keyword lists and check what it returns."""
-    columns = {key: [row.get(key) for row in rows] for row in rows[:1] for key in row if key != "_row"}
+    keys = dict.fromkeys(key for row in rows for key in row if key != "_row")
+    columns = {key: [row.get(key) for row in rows] for key in keys}
     name = getattr(fn, "__name__", repr(fn))
     out = fn(completions, **columns)
     if not isinstance(out, (list, tuple)) or len(out) != len(completions):
