@@ -1,0 +1,82 @@
+"""Batched generation with a Hugging Face causal LM, and task accuracy on a split.
+
+Prompts are rendered with the tokenizer's chat template when it has one (plain ``prompt + newline`` otherwise),
+left-padded, and generated with the KV cache; greedy unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from dfpo.tasks.answers import extract_final_answer
+from dfpo.tasks.base import Task
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The text the model continues: the chat template with the assistant turn opened, or the last user turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return messages[-1]["content"] + "\n"
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> tuple[list[str], list[bool]]:
+    """Completions of ``prompts`` and, for each, whether it was cut at ``max_new_tokens`` (no end token)."""
+    texts, truncated = [], []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        new = out[:, batch["input_ids"].shape[1] :]
+        for row in new:
+            ended = bool((row == eos).any())
+            truncated.append(not ended and len(row) >= max_new_tokens)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts, truncated
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    split: str = "eval",
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Greedy accuracy of ``model`` on ``task``'s ``split``.
+
+    Returns ``accuracy``, ``n``, ``format_rate`` (share of completions with a marked final answer),
+    ``truncated_rate``, ``verifier_errors`` (during this call), ``seconds``, and one sample completion.
+    """
+    examples = task.examples(split, limit)
+    prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples]
+    errors_before, start = task.verifier_errors, time.perf_counter()
+    completions, truncated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    scores = [task.score(c, e) for c, e in zip(completions, examples, strict=True)]
+    n = len(examples)
+    return {
+        "accuracy": sum(scores) / n,
+        "n": n,
+        "format_rate": sum(extract_final_answer(c) is not None for c in completions) / n,
+        "truncated_rate": sum(truncated) / n,
+        "verifier_errors": task.verifier_errors - errors_before,
+        "seconds": time.perf_counter() - start,
+        "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0]["answer"]},
+    }
