@@ -116,6 +116,6 @@ def test_risk_loss_weights_and_metrics():
     mask = torch.tensor([1.0, 1.0, 0.0])
     total, metrics = risk_loss(pred, target, mask, shift_weight=0.0, curvature_weight=0.0)
     assert set(metrics) == {"critic/risk_cvar", "critic/risk_gain", "critic/risk_shape"}
-    assert float(total) == pytest.approx(0.01 + 0.01, rel=1e-4)
+    assert float(total.detach()) == pytest.approx(0.01 + 0.01, rel=1e-4)
     total, metrics = risk_loss(pred, target, mask, cvar_weight=0.0, gain_weight=0.0, shape_weight=0.0)
-    assert float(total) == 0.0 and metrics == {}
+    assert float(total.detach()) == 0.0 and metrics == {}
