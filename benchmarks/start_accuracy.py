@@ -20,7 +20,13 @@ from dfpo.models import load_model
 
 # (label, task name, task options, split, max new tokens)
 SETTINGS = [
-    ("arithmetic: 2 terms, 1 digit, +-", "arithmetic", {"min_terms": 2, "max_terms": 2, "digits": 1}, "eval", 48),
+    (
+        "arithmetic: 2 terms, 1 digit, +-",
+        "arithmetic",
+        {"min_terms": 2, "max_terms": 2, "digits": 1, "eval_size": 100},
+        "eval",
+        48,
+    ),
     ("arithmetic: 2-3 terms, 2 digits, +- (default)", "arithmetic", {}, "eval", 64),
     ("math: generated eval, 0-shot", "math", {"train_size": 50}, "eval", 96),
     ("math: generated eval, 3-shot", "math", {"train_size": 50, "few_shot": 3}, "eval", 96),
