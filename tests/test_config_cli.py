@@ -1,0 +1,75 @@
+"""key=value configuration and the dfpo command line."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from dfpo.cli import SFTConfig, main
+from dfpo.config import ConfigError, apply_overrides, option, parse_scalar
+
+
+@dataclass(frozen=True)
+class Example:
+    steps: int = option(10, "steps")
+    lr: float = option(1e-3, "learning rate")
+    name: str = option("a", "a name")
+    flag: bool = option(False, "a switch")
+    limit: int | None = option(None, "optional limit")
+    extra: dict = option({}, "options passed on")
+
+
+def test_overrides_are_typed():
+    c = apply_overrides(
+        Example(), ["steps=5", "lr=3e-4", "name=b", "flag=true", "limit=7", "extra.depth=2", "extra.x=hi"]
+    )
+    assert (c.steps, c.lr, c.name, c.flag, c.limit) == (5, 3e-4, "b", True, 7)
+    assert c.extra == {"depth": 2, "x": "hi"}
+    assert apply_overrides(c, ["limit=none"]).limit is None
+    assert Example().extra == {}  # defaults are not shared between instances
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stepz=5", "unknown key 'stepz'; valid keys: steps, lr, name, flag, limit, extra"),
+        ("steps=5.5", "steps='5.5': expected int"),
+        ("lr=fast", "lr='fast': expected float"),
+        ("flag=maybe", "flag='maybe': expected true or false"),
+        ("steps.x=1", "'steps.x': 'steps' takes no sub-keys"),
+        ("steps", "overrides are key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        apply_overrides(Example(), [override])
+
+
+def test_parse_scalar():
+    assert [parse_scalar(s) for s in ("1", "1.5", "true", "None", "x")] == [1, 1.5, True, None, "x"]
+
+
+def test_cli_refuses_bad_input(capsys):
+    assert main([]) == 2
+    assert main(["sft", "stepz=1"]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    assert main(["sft", "task_options.digitz=1", "steps=1"]) == 2
+    assert "task_options for task 'arithmetic'" in capsys.readouterr().err
+    assert main(["sft", "--help"]) == 0
+    assert "task_options" in capsys.readouterr().out
+
+
+def test_cli_sft_writes_a_loadable_model_and_its_record(tmp_path):
+    out = tmp_path / "sft"
+    args = ["sft", "steps=3", "batch_size=4", "hidden_size=32", "layers=1", "eval_limit=4", "max_new_tokens=4"]
+    assert main([*args, "task_options.eval_size=20", "task_options.train_size=40", f"out={out}"]) == 0
+    record = json.loads((out / "sft.json").read_text())
+    assert record["command"].startswith("dfpo sft steps=3")
+    assert record["config"]["steps"] == 3 and len(record["history"]) == 3
+    assert 0.0 <= record["eval_accuracy"] <= 1.0
+    from dfpo.models import load_model
+
+    model, _ = load_model(str(out))
+    assert model.config.hidden_size == 32
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    assert SFTConfig().model == "scratch"
