@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ("flag=maybe", "flag='maybe': expected true or false"),
         ("steps.x=1", "'steps.x': 'steps' takes no sub-keys"),
         ("steps", "overrides are key=value"),
+        ("extra=3", "'extra' takes sub-keys: extra.<name>=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -77,6 +77,8 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
             current = changes.get(head, dict(getattr(config, head)))
             current[sub] = parse_scalar(text)
             changes[head] = current
+        elif hints[head] is dict or typing.get_origin(hints[head]) is dict:
+            raise ConfigError(f"{key!r} takes sub-keys: {key}.<name>=value")
         else:
             changes[head] = _convert(key, text, hints[head])
     return dataclasses.replace(config, **changes)
