@@ -39,6 +39,14 @@ def test_science_prompt_and_strict_scoring(science):
     assert keys >= {"A", "B", "C", "D"}
 
 
+def test_science_few_shot_turns_show_the_answer_format():
+    task = tasks.get("science", benchmarks=("arc_easy",), few_shot=2)
+    example = task.examples("eval", 1)[0]
+    turns = task.messages(example)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert turns[1]["content"] == f"The answer is {task.examples('train', 1)[0]['answer']}."
+
+
 def test_science_refuses_unknown_benchmark():
     with pytest.raises(ValueError, match="unknown benchmarks \\['mmlu'\\]; valid: sciq"):
         tasks.get("science", benchmarks=("mmlu",))

@@ -47,6 +47,32 @@ def test_arithmetic_left_to_right_steps():
         assert e["answer"] == str(value)
 
 
+def test_arithmetic_prompt_styles_and_few_shot_turns():
+    terse = tasks.get("arithmetic", eval_size=5, prompt_style="terse", few_shot=2)
+    instruct = tasks.get("arithmetic", eval_size=5)
+    example = terse.examples("eval", 1)[0]
+    assert example["prompt"] == f"{example['expression']} ="
+    assert instruct.examples("eval", 1)[0]["prompt"].startswith(f"Compute {example['expression']} from left to right")
+    turns = terse.messages(example)
+    shots = terse.examples("train", 2)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert turns[1]["content"] == shots[0]["solution"] and turns[-1]["content"] == example["prompt"]
+    assert {s["expression"] for s in shots}.isdisjoint(e["expression"] for e in terse.examples("eval"))
+    assert terse.messages(example) == turns  # the same shots for every prompt
+    with pytest.raises(ValueError, match="prompt_style must be 'instruct' or 'terse'"):
+        tasks.get("arithmetic", prompt_style="short")
+
+
+def test_presets_build_their_tasks():
+    from dfpo.tasks.presets import PRESETS, preset
+
+    assert {"tiny-arithmetic", "smollm2-arithmetic"} <= set(PRESETS)
+    task = preset("smollm2-arithmetic").build_task()
+    assert task.few_shot == 3 and len(task.messages(task.examples("eval", 1)[0])) == 7
+    with pytest.raises(KeyError, match="unknown preset 'tiny'; presets: tiny-arithmetic"):
+        preset("tiny")
+
+
 def test_arithmetic_refuses_impossible_settings():
     with pytest.raises(ValueError, match=r"only \d+ distinct problems"):
         tasks.get("arithmetic", min_terms=2, max_terms=2, digits=1, operators="+", eval_size=500)

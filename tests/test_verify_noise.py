@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from dfpo.tasks.noise import Clean, Flip, Gaussian, make_noise
+import dfpo.tasks as tasks
+from dfpo.tasks.noise import Clean, Flip, Gaussian, PseudoLabel, majority_vote, make_noise
 from dfpo.tasks.verify import MathVerifier, VerifierError
 
 
@@ -91,3 +92,88 @@ def test_make_noise_specs_and_errors():
         make_noise("flip(x)")
     with pytest.raises(ValueError, match="0 <= p <= 1"):
         make_noise("flip(1.5)")
+    assert make_noise("pseudo_label(8)", seed=2) == PseudoLabel(8, seed=2)
+    with pytest.raises(ValueError, match=r"needs a number, as in pseudo_label\(8\)"):
+        make_noise("pseudo_label(0.5)")
+    with pytest.raises(ValueError, match="n >= 1"):
+        make_noise("pseudo_label(0)")
+
+
+@pytest.fixture(scope="module")
+def arithmetic():
+    return tasks.get("arithmetic", eval_size=20)
+
+
+def test_every_noise_scores_a_batch_against_the_gold_answer(arithmetic):
+    examples = arithmetic.examples("eval", 4)
+    completions = [f"The answer is {e['answer']}." for e in examples[:2]] + ["The answer is 1e9.", "no answer"]
+    clean = make_noise("clean").score(arithmetic, completions, examples, step=0)
+    assert clean.true == clean.observed == [1.0, 1.0, 0.0, 0.0]
+    flipped = make_noise("flip(1.0)").score(arithmetic, completions, examples, step=0)
+    assert flipped.true == [1.0, 1.0, 0.0, 0.0] and flipped.observed == [0.0, 0.0, 1.0, 1.0] and flipped.rate == 1.0
+
+
+def test_majority_vote_groups_numbers_by_value_and_breaks_ties_by_first_seen(arithmetic):
+    example = arithmetic.examples("eval", 1)[0]
+    votes = ["The answer is 1,200.", "the answer is 7", "The answer is 1200.", "rambling", "The answer is 7."]
+    assert majority_vote(arithmetic, example, votes) == ("1,200", 0.4)
+    assert majority_vote(arithmetic, example, ["The answer is 3.", "The answer is 5."]) == ("3", 0.5)
+    assert majority_vote(arithmetic, example, ["nothing marked", "\\boxed{1} or \\boxed{2}"]) == (None, 0.0)
+    science = tasks.get("science", benchmarks=["sciq"])
+    question = science.examples("eval", 1)[0]
+    assert majority_vote(science, question, ["The answer is (b).", "The answer is B", "The answer is C."]) == (
+        "B",
+        2 / 3,
+    )
+
+
+def test_pseudo_label_scores_against_the_vote_and_reports_disagreement(arithmetic):
+    examples = arithmetic.examples("eval", 3)
+    wrong = str(int(examples[1]["answer"]) + 1)
+    labelled = [
+        {**examples[0], "pseudo_answer": examples[0]["answer"]},
+        {**examples[1], "pseudo_answer": wrong},
+        {**examples[2], "pseudo_answer": None},
+    ]
+    completions = [f"The answer is {examples[0]['answer']}.", f"The answer is {wrong}.", "The answer is 5."]
+    noise = PseudoLabel(4)
+    out = noise.score(arithmetic, completions, labelled, step=0)
+    assert out.observed == [1.0, 1.0, 0.0]  # the wrong pseudo-label rewards the wrong answer; no label, no reward
+    assert out.true == [1.0, 0.0, float(examples[2]["answer"] == "5")]
+    assert out.rate == pytest.approx(sum(o != t for o, t in zip(out.observed, out.true, strict=True)) / 3)
+    with pytest.raises(ValueError, match=r"call PseudoLabel\.label"):
+        noise.score(arithmetic, completions, examples, step=0)
+
+
+class ScriptedModel:
+    """Stands in for a causal LM: replies to the k-th generated row with ``replies[k % len(replies)]``."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.calls = tokenizer, replies, 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **sampling):
+        import torch
+
+        rows = []
+        for _ in range(len(input_ids)):
+            text = self.replies[self.calls % len(self.replies)]
+            self.calls += 1
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id])
+        width = max(map(len, rows))
+        rows = [r + [pad_token_id] * (width - len(r)) for r in rows]
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_pseudo_label_majority_of_n_samples_and_its_accuracy(arithmetic):
+    from dfpo.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    examples = arithmetic.examples("eval", 2)
+    right, wrong = examples[0]["answer"], str(int(examples[1]["answer"]) + 3)
+    # 3 samples per prompt: example 0 votes right 2 to 1, example 1 votes wrong 2 to 1.
+    replies = [f"The answer is {right}.", "The answer is 0.", f"The answer is {right}."]
+    replies += [f"The answer is {wrong}.", f"The answer is {examples[1]['answer']}.", f"The answer is {wrong}."]
+    labelled, stats = PseudoLabel(3).label(ScriptedModel(tokenizer, replies), tokenizer, arithmetic, examples)
+    assert [e["pseudo_answer"] for e in labelled] == [right, wrong]
+    assert [e["answer"] for e in labelled] == [examples[0]["answer"], examples[1]["answer"]]  # gold kept
+    assert stats == {"accuracy": 0.5, "abstain_rate": 0.0, "agreement": pytest.approx(2 / 3)}

@@ -33,6 +33,7 @@ class SFTConfig:
     eval_every: int = option(200, "measure greedy eval accuracy every this many steps (0: only at the end)")
     eval_limit: int = option(200, "eval examples per measurement")
     max_new_tokens: int = option(96, "generation length for the eval")
+    stop_at: float = option(0.0, "stop at the first eval whose accuracy reaches this (0: run all steps)")
     out: str = option("runs/sft", "output folder: model, tokenizer and sft.json (written atomically)")
 
 
@@ -60,13 +61,14 @@ def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
     history = train_sft(
         model, tokenizer, task, config.steps, config.batch_size, config.lr, config.warmup_steps,
         seed=config.seed, eval_every=config.eval_every or config.steps, eval_limit=config.eval_limit,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, stop_at=config.stop_at,
     )  # fmt: skip
     summary = {
         "command": command,
         "config": dataclasses.asdict(config),
         "parameters": params,
         "seconds": round(time.perf_counter() - start, 1),
+        "steps_run": history[-1]["step"],
         "eval_accuracy": history[-1]["eval_accuracy"],
         "history": history,
     }

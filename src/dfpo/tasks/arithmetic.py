@@ -28,6 +28,10 @@ class Arithmetic(Task):
         eval_size: size of the held-out eval split.
         train_size: size of the train split returned by :meth:`examples` without a limit.
         seed: seed of the train stream; the eval split uses ``seed + 1``.
+        few_shot: worked train examples shown as earlier chat turns (prompt, then the worked solution).
+        prompt_style: ``"instruct"`` spells out the method and the answer format (for instruction-tuned models);
+            ``"terse"`` is the bare expression, for a model trained on this task's format (the tiny model), which
+            keeps sequences short.
     """
 
     name = "arithmetic"
@@ -41,12 +45,18 @@ class Arithmetic(Task):
         eval_size: int = 500,
         train_size: int = 20_000,
         seed: int = 0,
+        few_shot: int = 0,
+        prompt_style: str = "instruct",
     ) -> None:
         super().__init__()
         if not 2 <= min_terms <= max_terms:
             raise ValueError(f"arithmetic needs 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
         if digits < 1 or not operators or set(operators) - set(_OPS):
             raise ValueError(f"arithmetic needs digits >= 1 and operators from '+-*', got {digits}, {operators!r}")
+        if prompt_style not in ("instruct", "terse"):
+            raise ValueError(f"arithmetic prompt_style must be 'instruct' or 'terse', got {prompt_style!r}")
+        self.prompt_style, self.few_shot = prompt_style, few_shot
+        self._shots: list[dict[str, Any]] = []
         self.min_terms, self.max_terms, self.digits, self.operators = min_terms, max_terms, digits, operators
         self.eval_size, self.train_size, self.seed = eval_size, train_size, seed
         self._eval = self._generate(seed + 1, eval_size, exclude=set())
@@ -63,7 +73,11 @@ class Arithmetic(Task):
             value = result
         expression = " ".join([str(numbers[0])] + [f"{op} {n}" for op, n in zip(ops, numbers[1:], strict=True)])
         return {
-            "prompt": f"Compute {expression} from left to right. Show each step, then end with 'The answer is N.'",
+            "prompt": (
+                f"{expression} ="
+                if self.prompt_style == "terse"
+                else f"Compute {expression} from left to right. Show each step, then end with 'The answer is N.'"
+            ),
             "answer": str(value),
             "solution": " ".join(steps) + f" The answer is {value}.",
             "expression": expression,
@@ -90,6 +104,9 @@ class Arithmetic(Task):
         self._check_split(split)
         if split == "eval":
             return self._eval[:limit]
+        if limit is not None and limit <= self.few_shot:  # few-shot turns: generated once, not per prompt
+            self._shots = self._shots or self._generate(self.seed, self.few_shot, exclude=self._eval_keys)
+            return self._shots[:limit]
         return self._generate(self.seed, limit or self.train_size, exclude=self._eval_keys)
 
     def score(self, completion: str, example: dict[str, Any]) -> float:

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from dfpo.core.registry import Registry
+from dfpo.tasks.answers import extract_final_answer, normalize_text, parse_number
 
 TASKS = Registry("task")
 register = TASKS.register
@@ -28,6 +29,7 @@ class Task(ABC):
     name: str = ""
     splits: tuple[str, ...] = ("train", "eval")
     system_prompt: str | None = None
+    few_shot: int = 0  # worked train examples shown as earlier chat turns, to teach the answer format
 
     def __init__(self) -> None:
         self.verifier_errors = 0
@@ -44,13 +46,38 @@ class Task(ABC):
         """Rewards of a batch; ``None`` skips a sample. The default scores each completion on its own."""
         return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
 
+    def vote_answer(self, completion: str, example: dict[str, Any]) -> str | None:
+        """The marked answer of ``completion`` that takes part in a majority vote (``pseudo_label`` noise)."""
+        return extract_final_answer(completion)
+
+    def vote_key(self, answer: str) -> str:
+        """Answers with the same key are the same vote: numbers by value, text normalised."""
+        number = parse_number(answer)
+        return str(number) if number is not None else normalize_text(answer)
+
+    def score_answer(self, answer: str, example: dict[str, Any]) -> float:
+        """The score a completion whose marked final answer is ``answer`` earns on ``example``."""
+        return self.score(f"\\boxed{{{answer}}}", example)
+
+    def extra_metrics(self, completions: list[str], examples: list[dict[str, Any]]) -> dict[str, float]:
+        """Task-specific evaluation metrics, merged into (and overriding) :func:`dfpo.evaluate.evaluate`'s result."""
+        return {}
+
     def messages(self, example: dict[str, Any]) -> Messages:
-        """Chat messages for the example: a string prompt becomes one user turn; a message list is kept."""
-        prompt = example["prompt"]
-        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        """Chat messages for the example: ``few_shot`` worked train examples as earlier turns, then the example's
+        prompt (a string becomes one user turn; a message list is kept)."""
+        turns: Messages = []
+        for shot in self.examples("train", self.few_shot) if self.few_shot else []:
+            turns += [*self._turns(shot), {"role": "assistant", "content": target_text(shot)}]
+        turns += self._turns(example)
         if self.system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         return turns
+
+    @staticmethod
+    def _turns(example: dict[str, Any]) -> Messages:
+        prompt = example["prompt"]
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -60,6 +87,12 @@ class Task(ABC):
         self.verifier_errors += 1
         logger.warning("task %s: verifier error #%d on %r: %s", self.name, self.verifier_errors, example, error)
         return 0.0
+
+
+def target_text(example: dict[str, Any]) -> str:
+    """The reply a model is taught (by ``dfpo sft`` and few-shot turns): the example's worked ``solution`` when it
+    has one, else ``"The answer is <answer>."``, the format the strict verifiers read."""
+    return example.get("solution") or f"The answer is {example['answer']}."
 
 
 def get(name: str, **options: Any) -> Task:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dfpo.assets import missing_package, read_eval_requests
 from dfpo.tasks.answers import answers_match, boxed_contents, extract_final_answer, parse_number
-from dfpo.tasks.base import Messages, Task, register
+from dfpo.tasks.base import Task, register
 from dfpo.tasks.verify import MathVerifier, VerifierError
 
 INSTRUCTION = "Solve the problem. End your reply with 'The answer is N.' where N is the final answer."
@@ -97,15 +97,6 @@ class Math(Task):
                 {**e, "prompt": f"{e['question'].strip()}\n\n{INSTRUCTION}"} for e in self._load(split)
             ]
         return self._cache[split][:limit]
-
-    def messages(self, example: dict[str, Any]) -> Messages:
-        turns: Messages = []
-        for shot in self.examples("train", self.few_shot) if self.few_shot else []:
-            turns += [
-                {"role": "user", "content": shot["prompt"]},
-                {"role": "assistant", "content": f"The answer is {shot['answer']}."},
-            ]
-        return turns + super().messages(example)
 
     def score(self, completion: str, example: dict[str, Any]) -> float:
         answer = extract_final_answer(completion)

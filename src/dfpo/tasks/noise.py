@@ -5,32 +5,63 @@ only on ``(seed, step, i)``, so a resumed run sees exactly the noise it would ha
 observed and the true rewards and the realised noise rate, so a run always logs both. Noise is applied to training
 rewards only, never to evaluation.
 
-Specs accepted by :func:`make_noise`: ``clean``, ``flip(p)``, ``gaussian(sigma)``.
+Every noise model scores a batch the same way, ``noise.score(task, completions, examples, step) ->
+NoisyRewards``: the true reward is always ``task.score`` against the gold answer. ``flip`` and ``gaussian``
+perturb that reward; ``pseudo_label(n)`` scores against the majority vote of n samples of the starting policy
+(:class:`PseudoLabel`). A ``None`` reward (a user reward that skips a sample) stays ``None``.
+
+``reward_model`` scores with a learned reward model (:mod:`dfpo.reward_model`, for the dialogue task).
+
+Specs accepted by :func:`make_noise`: ``clean``, ``flip(p)``, ``gaussian(sigma)``, ``pseudo_label(n)``,
+``reward_model``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from dfpo.tasks.base import Task
 
 
 @dataclass(frozen=True)
 class NoisyRewards:
     """Rewards of one batch: ``observed`` (what the learner gets), ``true``, and the realised noise ``rate``
-    (fraction of flipped labels for ``flip``; root-mean-square perturbation for ``gaussian``)."""
+    (fraction of flipped labels for ``flip``; root-mean-square perturbation for ``gaussian``; fraction of samples
+    whose observed reward differs from the true one for ``pseudo_label``; mean absolute difference for
+    ``reward_model``). ``None`` marks a sample the reward skips."""
 
-    observed: list[float]
-    true: list[float]
+    observed: list[float | None]
+    true: list[float | None]
     rate: float
 
 
 class NoiseModel(Protocol):
     name: str
 
-    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards: ...
+    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+        """Observed and true rewards of ``completions`` (one example each) at training step ``step``."""
+        ...
+
+
+class RewardNoise:
+    """Noise applied to the true reward itself: subclasses implement ``__call__(true_rewards, step)``."""
+
+    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
+        raise NotImplementedError
+
+    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+        true = task.score_batch(completions, examples)
+        kept = [i for i, r in enumerate(true) if r is not None]
+        noisy = self([true[i] for i in kept], step)
+        observed: list[float | None] = [None] * len(true)
+        for i, value in zip(kept, noisy.observed, strict=True):
+            observed[i] = value
+        return NoisyRewards(observed, true, noisy.rate)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -39,7 +70,7 @@ def _generator(seed: int, step: int) -> torch.Generator:
 
 
 @dataclass(frozen=True)
-class Clean:
+class Clean(RewardNoise):
     """No noise."""
 
     seed: int = 0
@@ -50,7 +81,7 @@ class Clean:
 
 
 @dataclass(frozen=True)
-class Flip:
+class Flip(RewardNoise):
     """Symmetric label noise: each binary reward is flipped (0 <-> 1) with probability ``p``."""
 
     p: float
@@ -75,7 +106,7 @@ class Flip:
 
 
 @dataclass(frozen=True)
-class Gaussian:
+class Gaussian(RewardNoise):
     """Additive Gaussian noise of standard deviation ``sigma`` on scores."""
 
     sigma: float
@@ -94,16 +125,104 @@ class Gaussian:
 
 
 _SPEC = re.compile(r"^\s*(\w+)\s*(?:\(\s*([^)]*)\s*\))?\s*$")
-_MODELS = {"clean": (Clean, None), "flip": (Flip, float), "gaussian": (Gaussian, float)}
+
+
+def majority_vote(task: Task, example: dict[str, Any], completions: list[str]) -> tuple[str | None, float]:
+    """The most frequent marked answer among ``completions`` and the share of them that gave it.
+
+    Answers are grouped by ``task.vote_key`` (numbers by value); a tie goes to the answer seen first; completions
+    without a marked answer vote for nothing. ``(None, 0.0)`` when no completion has one.
+    """
+    votes: dict[str, list[str]] = {}
+    for completion in completions:
+        answer = task.vote_answer(completion, example)
+        if answer is not None:
+            votes.setdefault(task.vote_key(answer), []).append(answer)
+    winner = max(votes.values(), key=len, default=None)  # max keeps the first of equals: insertion order
+    return (winner[0], len(winner) / len(completions)) if winner else (None, 0.0)
+
+
+@dataclass(frozen=True)
+class PseudoLabel:
+    """Test-time-RL supervision: the majority answer of ``n`` samples of the starting policy replaces the gold one.
+
+    Call :meth:`label` once, before training, on the training examples; it adds ``pseudo_answer`` (``None`` when
+    no sample had a marked answer: every completion then scores 0) and returns the pseudo-label accuracy. The
+    realised rate of :meth:`score` is the fraction of samples whose observed reward differs from the true one.
+    """
+
+    n: int
+    seed: int = 0
+    name: str = "pseudo_label"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"pseudo_label(n) needs n >= 1 samples per prompt, got n={self.n}")
+
+    def label(
+        self,
+        model: Any,
+        tokenizer: Any,
+        task: Task,
+        examples: list[dict[str, Any]],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+        batch_size: int = 64,
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """``examples`` with ``pseudo_answer`` set by majority vote, and ``{"accuracy", "abstain_rate",
+        "agreement"}``: the share of pseudo-labels that are right, that are missing, and the mean share of the n
+        votes that the winning answer got. Sampling is seeded by ``seed``."""
+        from dfpo.evaluate import generate, render_prompt
+
+        prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples for _ in range(self.n)]
+        torch.manual_seed(self.seed)
+        completions, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+        labelled, right, missing, agreement = [], 0.0, 0, 0.0
+        for i, example in enumerate(examples):
+            pseudo, share = majority_vote(task, example, completions[i * self.n : (i + 1) * self.n])
+            labelled.append({**example, "pseudo_answer": pseudo})
+            missing += pseudo is None
+            agreement += share
+            right += task.score_answer(pseudo, example) if pseudo is not None else 0.0
+        count = max(1, len(examples))
+        return labelled, {"accuracy": right / count, "abstain_rate": missing / count, "agreement": agreement / count}
+
+    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+        if examples and "pseudo_answer" not in examples[0]:
+            raise ValueError("pseudo_label noise scores against pseudo-labels: call PseudoLabel.label on the examples")
+        true = task.score_batch(completions, examples)
+        pseudo = [{**e, "answer": e["pseudo_answer"]} for e in examples]
+        observed = [
+            None if t is None else (0.0 if e["pseudo_answer"] is None else task.score(c, e))
+            for c, e, t in zip(completions, pseudo, true, strict=True)
+        ]
+        pairs = [(o, t) for o, t in zip(observed, true, strict=True) if t is not None]
+        rate = sum(o != t for o, t in pairs) / len(pairs) if pairs else 0.0
+        return NoisyRewards(observed, true, rate)
+
+
+_MODELS = {
+    "clean": (Clean, None),
+    "flip": (Flip, float),
+    "gaussian": (Gaussian, float),
+    "pseudo_label": (PseudoLabel, int),
+}
 
 
 def make_noise(spec: str, seed: int = 0) -> NoiseModel:
     """A noise model from its spec, e.g. ``"flip(0.2)"``; errors name the valid specs."""
-    valid = "clean, flip(p), gaussian(sigma)"
+    valid = "clean, flip(p), gaussian(sigma), pseudo_label(n), reward_model"
     match = _SPEC.match(spec)
-    if not match or match.group(1) not in _MODELS:
+    if not match or match.group(1) not in {*_MODELS, "reward_model"}:
         raise ValueError(f"unknown noise {spec!r}; valid: {valid}")
     name, arg = match.groups()
+    if name == "reward_model":
+        if arg:
+            raise ValueError(f"noise 'reward_model' takes no argument, got {spec!r}")
+        from dfpo.reward_model import RewardModelNoise  # loads a backbone: only on demand
+
+        return RewardModelNoise(seed=seed)
     cls, parse = _MODELS[name]
     if parse is None:
         if arg:
@@ -112,5 +231,6 @@ def make_noise(spec: str, seed: int = 0) -> NoiseModel:
     try:
         value = parse(arg)
     except (TypeError, ValueError):
-        raise ValueError(f"noise {spec!r} needs a number, as in {name}(0.2); valid: {valid}") from None
+        example = "8" if parse is int else "0.2"
+        raise ValueError(f"noise {spec!r} needs a number, as in {name}({example}); valid: {valid}") from None
     return cls(value, seed=seed)

@@ -51,14 +51,20 @@ class Science(Task):
         benchmarks: subset of ``sciq, arc_easy, arc_challenge, openbookqa``.
         eval_fraction: share of each benchmark held out for eval.
         seed: seed of the train/eval split.
+        few_shot: train questions with their answer ("The answer is X.") shown as earlier chat turns.
     """
 
     name = "science"
 
     def __init__(
-        self, benchmarks: tuple[str, ...] = tuple(BENCHMARKS), eval_fraction: float = 0.5, seed: int = 0
+        self,
+        benchmarks: tuple[str, ...] = tuple(BENCHMARKS),
+        eval_fraction: float = 0.5,
+        seed: int = 0,
+        few_shot: int = 0,
     ) -> None:
         super().__init__()
+        self.few_shot = few_shot
         unknown = set(benchmarks) - set(BENCHMARKS)
         if unknown:
             raise ValueError(f"science: unknown benchmarks {sorted(unknown)}; valid: {', '.join(BENCHMARKS)}")
@@ -87,6 +93,9 @@ class Science(Task):
     def examples(self, split: str, limit: int | None = None) -> list[dict[str, Any]]:
         self._check_split(split)
         return self._splits[split][:limit]
+
+    def vote_answer(self, completion: str, example: dict[str, Any]) -> str | None:
+        return extract_choice(completion, example["num_choices"])
 
     def score(self, completion: str, example: dict[str, Any]) -> float:
         return float(extract_choice(completion, example["num_choices"]) == example["answer"])
