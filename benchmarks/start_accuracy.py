@@ -20,10 +20,11 @@ from dfpo.models import load_model
 from dfpo.tasks.presets import PRESETS
 
 EASY = {"min_terms": 2, "max_terms": 2}
+ONE_DIGIT = {**EASY, "digits": 1, "eval_size": 100}  # only 200 distinct 1-digit problems exist
 # (label, task name, task options, split, max new tokens)
 SETTINGS = [
-    ("arithmetic: 2 terms, 1 digit, +-", "arithmetic", {**EASY, "digits": 1}, "eval", 48),
-    ("arithmetic: 2 terms, 1 digit, +-, 3-shot", "arithmetic", {**EASY, "digits": 1, "few_shot": 3}, "eval", 48),
+    ("arithmetic: 2 terms, 1 digit, +-", "arithmetic", ONE_DIGIT, "eval", 48),
+    ("arithmetic: 2 terms, 1 digit, +-, 3-shot", "arithmetic", {**ONE_DIGIT, "few_shot": 3}, "eval", 48),
     ("arithmetic: 2 terms, 2 digits, +, 3-shot", "arithmetic", {**EASY, "operators": "+", "few_shot": 3}, "eval", 48),
     ("arithmetic: 2 terms, 2 digits, +-, 3-shot", "arithmetic", {**EASY, "few_shot": 3}, "eval", 48),
     ("arithmetic: 2-3 terms, 2 digits, +- (default)", "arithmetic", {}, "eval", 64),
@@ -33,6 +34,7 @@ SETTINGS = [
     ("math: GSM8K test, 3-shot", "math", {"train_size": 50, "few_shot": 3}, "gsm8k", 160),
     ("science: SciQ/ARC/OBQA eval", "science", {}, "eval", 48),
     ("science: SciQ/ARC/OBQA eval, 3-shot", "science", {"few_shot": 3}, "eval", 48),
+    ("dialogue: CoQA eval (token F1)", "dialogue", {}, "eval", 32),
 ]
 
 
