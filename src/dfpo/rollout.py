@@ -1,0 +1,119 @@
+"""Rollouts: sampling n responses per prompt with a Hugging Face causal LM, and reading them back token by token.
+
+Layout of a rollout of ``N = prompts x n`` sequences, prompt width ``P`` and response width ``R``::
+
+    input_ids       [N, P + R]   left-padded prompt, then the response, right-padded after its end token
+    attention_mask  [N, P + R]   1 on real prompt and response tokens
+    response_mask   [N, R]       1 on response tokens up to and including the end token
+
+Alignment (the off-by-one that still trains, just badly): the log-prob of response token ``t`` comes from the
+logits at sequence position ``P + t - 1``, and the value of the state before token ``t`` is read from the hidden
+state at that same position (the last prompt token for ``t = 0``). Position ids are computed from the attention
+mask, as ``generate`` does, so a left-padded sequence is scored exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """Sampled responses (see the module docstring for the shapes).
+
+    ``prompt_index`` ``[N]`` says which prompt each sequence answers (the group of GRPO-style statistics);
+    ``truncated`` ``[N]`` marks responses cut at ``max_new_tokens`` without an end token.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    prompt_index: Tensor
+    truncated: Tensor
+    completions: list[str]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """``[N, L]`` positions counted over real tokens only (0 at each sequence's first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_mask(responses: Tensor, eos_token_id: int) -> Tensor:
+    """``[N, R]`` mask of response tokens up to and including the first end token (all of a truncated one).
+
+    Works when the pad token is the end token: what follows the first end token never counts.
+    """
+    is_end = (responses == eos_token_id).long()
+    ended_before = is_end.cumsum(-1) - is_end  # end tokens strictly before each position
+    return (ended_before == 0).long()
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Rollout:
+    """``n`` sampled responses to each of ``prompts`` (rendered text), generated in one batch with the KV cache.
+
+    Sequences are ordered prompt by prompt (``prompt_index = [0]*n + [1]*n + ...``). Seed torch beforehand for a
+    reproducible draw.
+    """
+    if n < 1:
+        raise ValueError(f"sample needs n >= 1 responses per prompt, got {n}")
+    if temperature <= 0:
+        raise ValueError(f"sample needs temperature > 0 (greedy decoding is dfpo.evaluate.generate), got {temperature}")
+    if tokenizer.padding_side != "left":
+        raise ValueError(
+            "sample needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as generation appends"
+        )
+    repeated = [p for p in prompts for _ in range(n)]
+    batch = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    width = batch["input_ids"].shape[1]
+    responses = out[:, width:]
+    mask = response_mask(responses, tokenizer.eos_token_id)
+    ended = (responses == tokenizer.eos_token_id).any(-1)
+    return Rollout(
+        input_ids=out,
+        attention_mask=torch.cat([batch["attention_mask"], mask], dim=1),
+        response_mask=mask,
+        prompt_index=torch.arange(len(prompts)).repeat_interleave(n),
+        truncated=~ended & (responses.shape[1] >= max_new_tokens),
+        completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
+    )
+
+
+def response_logprobs(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float = 1.0
+) -> Tensor:
+    """``[N, R]`` log-probabilities of the last ``response_length`` tokens of ``input_ids`` ``[N, P + R]``.
+
+    Logits are divided by the sampling ``temperature`` so that the log-probs are those of the distribution the
+    tokens were drawn from. Values at masked (padding) positions are meaningless: mask them downstream.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    prompt_length = input_ids.shape[1] - response_length
+    # position P + t - 1 predicts response token t
+    logits = logits[:, prompt_length - 1 : -1].float() / temperature
+    targets = input_ids[:, prompt_length:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
