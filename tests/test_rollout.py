@@ -6,7 +6,7 @@ import torch
 import dfpo.tasks as tasks
 from dfpo.evaluate import render_prompt
 from dfpo.models import load_model
-from dfpo.rollout import position_ids, response_logprobs, response_mask, sample
+from dfpo.rollout import position_ids, response_forward, response_logprobs, response_mask, sample
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,28 @@ def test_logprob_of_token_t_comes_from_position_t_minus_1_and_ignores_left_paddi
                 logits = model(input_ids=sequence[None, : start + t]).logits[0, -1]
             expected = torch.log_softmax(logits.float(), -1)[sequence[start + t]]
             assert batched[row, t].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_hidden_states_are_those_of_the_state_before_each_response_token(tiny):
+    """The critic reads, for response token t, the last-layer state at position P + t - 1 (the last prompt token
+    for t = 0); a sequence scored alone and inside a left-padded batch gives the same states."""
+    model, tokenizer, prompts = tiny
+    torch.manual_seed(2)
+    rollout = sample(model, tokenizer, [prompts[1], prompts[6]], n=1, max_new_tokens=16)
+    width = rollout.response_mask.shape[1]
+    with torch.no_grad():
+        logprobs, hidden = response_forward(
+            model, rollout.input_ids, rollout.attention_mask, width, temperature=0.7, hidden_states=True
+        )
+    assert hidden.shape == (2, width, model.config.hidden_size)
+    for row in range(2):
+        sequence = rollout.input_ids[row][rollout.attention_mask[row].bool()]
+        response_tokens = int(rollout.response_mask[row].sum())
+        start = len(sequence) - response_tokens
+        with torch.no_grad():
+            alone = model(input_ids=sequence[None], output_hidden_states=True)
+        before = slice(start - 1, start - 1 + response_tokens)
+        assert torch.allclose(hidden[row, :response_tokens], alone.hidden_states[-1][0, before], atol=1e-4)
+        # log-probs of the temperature-0.7 distribution the tokens were drawn from
+        expected = torch.log_softmax(alone.logits[0, before].float() / 0.7, -1).gather(-1, sequence[start:, None])
+        assert torch.allclose(logprobs[row, :response_tokens], expected.squeeze(-1), atol=1e-4)

@@ -103,17 +103,38 @@ def sample(
     )
 
 
-def response_logprobs(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float = 1.0
-) -> Tensor:
-    """``[N, R]`` log-probabilities of the last ``response_length`` tokens of ``input_ids`` ``[N, P + R]``.
+def response_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_length: int,
+    temperature: float = 1.0,
+    hidden_states: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One forward pass over ``input_ids`` ``[N, P + R]``: the log-probabilities ``[N, R]`` of the last
+    ``response_length`` tokens and, with ``hidden_states=True``, the last layer's hidden states ``[N, R, H]`` of
+    the states before each response token (what a critic head reads on a shared or frozen trunk).
 
     Logits are divided by the sampling ``temperature`` so that the log-probs are those of the distribution the
     tokens were drawn from. Values at masked (padding) positions are meaningless: mask them downstream.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        output_hidden_states=hidden_states,
+    )
     prompt_length = input_ids.shape[1] - response_length
-    # position P + t - 1 predicts response token t
-    logits = logits[:, prompt_length - 1 : -1].float() / temperature
+    # position P + t - 1 predicts response token t, and holds the state before it
+    before = slice(prompt_length - 1, input_ids.shape[1] - 1)
+    logits = out.logits[:, before].float() / temperature
     targets = input_ids[:, prompt_length:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logprobs, out.hidden_states[-1][:, before] if hidden_states else None
+
+
+def response_logprobs(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int, temperature: float = 1.0
+) -> Tensor:
+    """``[N, R]`` log-probabilities of the response tokens (:func:`response_forward` without hidden states)."""
+    return response_forward(model, input_ids, attention_mask, response_length, temperature)[0]
