@@ -74,3 +74,26 @@ def test_cli_sft_writes_a_loadable_model_and_its_record(tmp_path):
     assert model.config.hidden_size == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     assert SFTConfig().model == "scratch"
+
+
+def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "tiny", "preset=tiny-arithmetic", "limit=12", "samples=3", f"out={out}"])
+    assert code == 0
+    result = json.loads(out.read_text())["splits"]["eval"]
+    assert result["n"] == 12 and {"accuracy", "mean@3", "maj@3", "format_rate"} <= set(result)
+    assert all(0.0 <= result[key] <= 1.0 for key in ("accuracy", "mean@3", "maj@3"))
+    assert result["accuracy"] > 0  # the shipped tiny model answers about half of these
+    assert "eval tiny on arithmetic/eval (n=12)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["preset=nope"], "unknown preset 'nope'; presets: tiny-arithmetic"),
+        (["preset=tiny-arithmetic", "task=math"], "preset= sets task, task_options and max_new_tokens"),
+    ],
+)
+def test_dfpo_eval_refuses_a_preset_mixed_with_task_keys(args, message, capsys):
+    assert main(["eval", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -40,15 +40,11 @@ class SFTConfig:
 def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
     import torch
 
-    import dfpo.tasks as tasks
     from dfpo.models import load_model
     from dfpo.sft import train_sft
     from dfpo.tiny import build_model, build_tokenizer
 
-    try:
-        task = tasks.get(config.task, **config.task_options)
-    except TypeError as error:
-        raise ConfigError(f"task_options for task {config.task!r}: {error}") from None
+    task = _build_task(config.task, config.task_options)
     torch.manual_seed(config.seed)
     if config.model == "scratch":
         tokenizer = build_tokenizer()
@@ -87,7 +83,88 @@ def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
     return summary
 
 
-VERBS = {"sft": (SFTConfig, run_sft)}
+@dataclass(frozen=True)
+class EvalConfig:
+    """``dfpo eval [MODEL] [key=value ...]``: held-out accuracy of a model (greedy, and mean@k / maj@k)."""
+
+    model: str = option("tiny", "'tiny', 'smollm2' or a model folder (also the first argument, without model=)")
+    preset: str = option("", "a calibrated preset (dfpo.tasks.presets) that sets task, task_options, max_new_tokens")
+    task: str = option("arithmetic", "registered task (see dfpo.tasks.names())")
+    task_options: dict = option({}, "keyword options of the task, set as task_options.<name>=value")
+    splits: str = option("eval", "comma-separated splits of the task to evaluate, e.g. eval,gsm8k,math500")
+    limit: int | None = option(200, "examples per split (none: all)")
+    max_new_tokens: int = option(64, "generation length")
+    samples: int = option(0, "k > 0 also samples k replies per example: mean@k and maj@k (majority answer)")
+    temperature: float = option(1.0, "sampling temperature of the k samples")
+    seed: int = option(0, "seed of the sampling")
+    out: str = option("", "write the results as JSON to this file (atomically); empty: print only")
+
+
+def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
+    import torch
+
+    from dfpo.evaluate import evaluate, render_prompt
+    from dfpo.models import load_model
+    from dfpo.rollout import sample
+    from dfpo.tasks.noise import majority_vote
+    from dfpo.tasks.presets import preset
+
+    model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
+    if config.preset:
+        defaults = EvalConfig()
+        if (config.task, config.task_options, config.max_new_tokens) != (
+            defaults.task, defaults.task_options, defaults.max_new_tokens
+        ):  # fmt: skip
+            raise ConfigError("preset= sets task, task_options and max_new_tokens: give either the preset or those")
+        try:
+            chosen = preset(config.preset)
+        except KeyError as error:
+            raise ConfigError(error.args[0]) from None
+        task_name, options, max_new = chosen.task, chosen.task_options, chosen.max_new_tokens
+        model_name = chosen.model if config.model == defaults.model else config.model
+    task = _build_task(task_name, options)
+    model, tokenizer = load_model(model_name)
+    model.eval()
+    results: dict[str, Any] = {"command": command, "config": dataclasses.asdict(config), "splits": {}}
+    for split in config.splits.split(","):
+        r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=32)
+        r.pop("sample")
+        if config.samples > 0:
+            torch.manual_seed(config.seed)
+            examples = task.examples(split, config.limit)
+            k, mean, majority = config.samples, 0.0, 0.0
+            for start in range(0, len(examples), 16):
+                chunk = examples[start : start + 16]
+                prompts = [render_prompt(tokenizer, task.messages(e)) for e in chunk]
+                rollout = sample(model, tokenizer, prompts, k, max_new, config.temperature)
+                for i, example in enumerate(chunk):
+                    replies = rollout.completions[i * k : (i + 1) * k]
+                    mean += sum(task.score(c, example) for c in replies) / k
+                    answer, _ = majority_vote(task, example, replies)
+                    majority += task.score_answer(answer, example) if answer is not None else 0.0
+            r[f"mean@{k}"], r[f"maj@{k}"] = mean / len(examples), majority / len(examples)
+        results["splits"][split] = r
+        shown = " ".join(f"{key}={value:.3f}" for key, value in r.items() if isinstance(value, float))
+        print(f"eval {model_name} on {task_name}/{split} (n={r['n']}): {shown}")
+    if config.out:
+        out = Path(config.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, out)
+    return results
+
+
+def _build_task(name: str, options: dict[str, Any]) -> Any:
+    import dfpo.tasks as tasks
+
+    try:
+        return tasks.get(name, **options)
+    except TypeError as error:
+        raise ConfigError(f"task_options for task {name!r}: {error}") from None
+
+
+VERBS = {"sft": (SFTConfig, run_sft), "eval": (EvalConfig, run_eval)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--help" in argv or "-h" in argv:
         print(f"{config_type.__doc__}\n\nkeys:\n{describe(config_type)}")
         return 0
+    overrides = argv[1:]
+    if argv[0] == "eval" and overrides and "=" not in overrides[0]:
+        overrides = [f"model={overrides[0]}", *overrides[1:]]  # dfpo eval MODEL_OR_RUN key=value ...
     try:
-        config = apply_overrides(config_type(), argv[1:])
+        config = apply_overrides(config_type(), overrides)
         run(config, " ".join(["dfpo", *argv]))
     except ConfigError as error:
         print(f"dfpo {argv[0]}: {error}", file=sys.stderr)
