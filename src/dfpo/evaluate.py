@@ -9,8 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
+from dfpo.rollout import generate_batch
 from dfpo.tasks.answers import extract_final_answer
 from dfpo.tasks.base import Task
 
@@ -22,7 +21,6 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return messages[-1]["content"] + "\n"
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     tokenizer: Any,
@@ -34,20 +32,12 @@ def generate(
 ) -> tuple[list[str], list[bool]]:
     """Completions of ``prompts`` and, for each, whether it was cut at ``max_new_tokens`` (no end token)."""
     texts, truncated = [], []
-    eos = tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        rollout = generate_batch(
+            model, tokenizer, prompts[start : start + batch_size], max_new_tokens, temperature, top_p
         )
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        )
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        new = out[:, batch["input_ids"].shape[1] :]
-        for row in new:
-            ended = bool((row == eos).any())
-            truncated.append(not ended and len(row) >= max_new_tokens)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        texts += rollout.completions
+        truncated += rollout.truncated.tolist()
     return texts, truncated
 
 

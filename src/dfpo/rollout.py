@@ -57,6 +57,33 @@ def response_mask(responses: Tensor, eos_token_id: int) -> Tensor:
 
 
 @torch.no_grad()
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+) -> Rollout:
+    """One ``generate`` call over ``prompts`` (rendered text) with the KV cache: greedy at ``temperature=0``,
+    sampled otherwise. ``prompt_index`` is ``0..len(prompts)-1``."""
+    if tokenizer.padding_side != "left":
+        raise ValueError(
+            "generation needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as it appends on the right"
+        )
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    responses = out[:, batch["input_ids"].shape[1] :]
+    mask = response_mask(responses, tokenizer.eos_token_id)
+    ended = (responses == tokenizer.eos_token_id).any(-1)
+    return Rollout(
+        input_ids=out,
+        attention_mask=torch.cat([batch["attention_mask"], mask], dim=1),
+        response_mask=mask,
+        prompt_index=torch.arange(len(prompts)),
+        truncated=~ended & (responses.shape[1] >= max_new_tokens),
+        completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
+    )
+
+
 def sample(
     model: Any,
     tokenizer: Any,
@@ -75,32 +102,11 @@ def sample(
         raise ValueError(f"sample needs n >= 1 responses per prompt, got {n}")
     if temperature <= 0:
         raise ValueError(f"sample needs temperature > 0 (greedy decoding is dfpo.evaluate.generate), got {temperature}")
-    if tokenizer.padding_side != "left":
-        raise ValueError(
-            "sample needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as generation appends"
-        )
-    repeated = [p for p in prompts for _ in range(n)]
-    batch = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        pad_token_id=tokenizer.pad_token_id,
+    rollout = generate_batch(
+        model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p
     )
-    width = batch["input_ids"].shape[1]
-    responses = out[:, width:]
-    mask = response_mask(responses, tokenizer.eos_token_id)
-    ended = (responses == tokenizer.eos_token_id).any(-1)
-    return Rollout(
-        input_ids=out,
-        attention_mask=torch.cat([batch["attention_mask"], mask], dim=1),
-        response_mask=mask,
-        prompt_index=torch.arange(len(prompts)).repeat_interleave(n),
-        truncated=~ended & (responses.shape[1] >= max_new_tokens),
-        completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
-    )
+    rollout.prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+    return rollout
 
 
 def response_forward(

@@ -56,7 +56,6 @@ class Arithmetic(Task):
         if prompt_style not in ("instruct", "terse"):
             raise ValueError(f"arithmetic prompt_style must be 'instruct' or 'terse', got {prompt_style!r}")
         self.prompt_style, self.few_shot = prompt_style, few_shot
-        self._shots: list[dict[str, Any]] = []
         self.min_terms, self.max_terms, self.digits, self.operators = min_terms, max_terms, digits, operators
         self.eval_size, self.train_size, self.seed = eval_size, train_size, seed
         self._eval = self._generate(seed + 1, eval_size, exclude=set())
@@ -104,9 +103,6 @@ class Arithmetic(Task):
         self._check_split(split)
         if split == "eval":
             return self._eval[:limit]
-        if limit is not None and limit <= self.few_shot:  # few-shot turns: generated once, not per prompt
-            self._shots = self._shots or self._generate(self.seed, self.few_shot, exclude=self._eval_keys)
-            return self._shots[:limit]
         return self._generate(self.seed, limit or self.train_size, exclude=self._eval_keys)
 
     def score(self, completion: str, example: dict[str, Any]) -> float:

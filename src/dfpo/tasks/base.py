@@ -7,6 +7,7 @@ scores a completion with ``score(completion, example) -> float`` in [0, 1]. Veri
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from typing import Any
@@ -66,12 +67,17 @@ class Task(ABC):
     def messages(self, example: dict[str, Any]) -> Messages:
         """Chat messages for the example: ``few_shot`` worked train examples as earlier turns, then the example's
         prompt (a string becomes one user turn; a message list is kept)."""
+        turns = [*self._few_shot_turns, *self._turns(example)]
+        if self.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    @functools.cached_property
+    def _few_shot_turns(self) -> Messages:
+        """The ``few_shot`` worked examples as chat turns, built once: every prompt shows the same ones."""
         turns: Messages = []
         for shot in self.examples("train", self.few_shot) if self.few_shot else []:
             turns += [*self._turns(shot), {"role": "assistant", "content": target_text(shot)}]
-        turns += self._turns(example)
-        if self.system_prompt and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
         return turns
 
     @staticmethod

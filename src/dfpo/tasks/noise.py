@@ -19,6 +19,7 @@ Specs accepted by :func:`make_noise`: ``clean``, ``flip(p)``, ``gaussian(sigma)`
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,11 +49,12 @@ class NoiseModel(Protocol):
         ...
 
 
-class RewardNoise:
+class RewardNoise(ABC):
     """Noise applied to the true reward itself: subclasses implement ``__call__(true_rewards, step)``."""
 
+    @abstractmethod
     def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
-        raise NotImplementedError
+        """Observed rewards for ``true_rewards`` (none of them ``None``) at training step ``step``."""
 
     def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
         true = task.score_batch(completions, examples)
