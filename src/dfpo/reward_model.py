@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -261,9 +262,12 @@ class RewardModel:
             raise ValueError("reward model has no head to save: train one with fit_head first")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.head.tensors().items()}, folder / HEAD_FILE)
+        # each file is written beside its final name and renamed into place: a crash never leaves half a file
+        save_file({k: v.contiguous() for k, v in self.head.tensors().items()}, folder / f".{HEAD_FILE}.tmp")
         meta = {"settings": self.settings(), **(metadata or {})}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / f".{META_FILE}.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (HEAD_FILE, META_FILE):
+            os.replace(folder / f".{name}.tmp", folder / name)
 
     @classmethod
     def load(cls, folder: str | Path = HEAD_DIR, model: Any = None, tokenizer: Any = None) -> RewardModel:
