@@ -103,10 +103,8 @@ class EvalConfig:
 def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
     import torch
 
-    from dfpo.evaluate import evaluate, render_prompt
+    from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.models import load_model
-    from dfpo.rollout import sample
-    from dfpo.tasks.noise import majority_vote
     from dfpo.tasks.presets import preset
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
@@ -132,17 +130,7 @@ def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
         if config.samples > 0:
             torch.manual_seed(config.seed)
             examples = task.examples(split, config.limit)
-            k, mean, majority = config.samples, 0.0, 0.0
-            for start in range(0, len(examples), 16):
-                chunk = examples[start : start + 16]
-                prompts = [render_prompt(tokenizer, task.messages(e)) for e in chunk]
-                rollout = sample(model, tokenizer, prompts, k, max_new, config.temperature)
-                for i, example in enumerate(chunk):
-                    replies = rollout.completions[i * k : (i + 1) * k]
-                    mean += sum(task.score(c, example) for c in replies) / k
-                    answer, _ = majority_vote(task, example, replies)
-                    majority += task.score_answer(answer, example) if answer is not None else 0.0
-            r[f"mean@{k}"], r[f"maj@{k}"] = mean / len(examples), majority / len(examples)
+            r.update(sampled_metrics(model, tokenizer, task, examples, config.samples, max_new, config.temperature))
         results["splits"][split] = r
         shown = " ".join(f"{key}={value:.3f}" for key, value in r.items() if isinstance(value, float))
         print(f"eval {model_name} on {task_name}/{split} (n={r['n']}): {shown}")
@@ -164,7 +152,55 @@ def _build_task(name: str, options: dict[str, Any]) -> Any:
         raise ConfigError(f"task_options for task {name!r}: {error}") from None
 
 
-VERBS = {"sft": (SFTConfig, run_sft), "eval": (EvalConfig, run_eval)}
+def run_train(argv: list[str], command: str) -> dict[str, Any]:
+    """``dfpo train [--config FILE] [key=value ...]``."""
+    from dfpo.training.config import build_config
+    from dfpo.training.trainer import train
+
+    config_file = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file (or the name of a shipped config)")
+        config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    config = build_config(argv, config_file)
+    run_dir = config.resolved_run_dir
+    print(f"train: {config.algo} on {config.task} with {config.model}, noise {config.noise}, "
+          f"{config.steps} steps -> {run_dir}")  # fmt: skip
+    evals = train(config, command)
+    for split, after in evals["after"].items():
+        before = evals.get("before", {}).get(split, {}).get("accuracy")
+        was = "n/a" if before is None else f"{before:.1%}"
+        print(f"train: {split} accuracy {was} -> {after['accuracy']:.1%}")
+    print(f"train: metrics, eval.json, summary.md and curves.png in {run_dir}")
+    return evals
+
+
+def run_list(argv: list[str], command: str) -> None:
+    """``dfpo list``: algorithms, tasks, models, noise models, presets and shipped configs."""
+    import dfpo.tasks as tasks
+    from dfpo.tasks.presets import PRESETS
+    from dfpo.training.algos import ALGOS
+    from dfpo.training.config import CONFIG_DIR
+
+    print("algorithms (algo=):")
+    for name, algo in ALGOS.items():
+        print(f"  {name:13s} {algo.about}")
+    print("tasks (task=):\n  " + ", ".join(tasks.names()))
+    print("models (model=):\n  tiny (embedded), smollm2 (SmolLM2-135M-Instruct), or a Hugging Face model folder")
+    print("noise (noise=):\n  clean, flip(p), gaussian(sigma), pseudo_label(n), reward_model (dialogue)")
+    print("task presets (dfpo eval preset=):")
+    for name, chosen in PRESETS.items():
+        print(f"  {name:20s} {chosen.about}")
+    print("configs (dfpo train --config NAME):\n  " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))
+
+
+VERBS = {
+    "sft": (SFTConfig, run_sft),
+    "eval": (EvalConfig, run_eval),
+    "train": (None, run_train),
+    "list": (None, run_list),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,15 +210,25 @@ def main(argv: list[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     config_type, run = VERBS[argv[0]]
+    if argv[0] == "train":
+        from dfpo.training.config import TrainConfig
+
+        config_type = TrainConfig
     if "--help" in argv or "-h" in argv:
-        print(f"{config_type.__doc__}\n\nkeys:\n{describe(config_type)}")
+        if config_type is not None:
+            print(f"{config_type.__doc__}\n\nkeys:\n{describe(config_type)}")
+        else:
+            print(run.__doc__)
         return 0
     overrides = argv[1:]
     if argv[0] == "eval" and overrides and "=" not in overrides[0]:
         overrides = [f"model={overrides[0]}", *overrides[1:]]  # dfpo eval MODEL_OR_RUN key=value ...
+    command = " ".join(["dfpo", *argv])
     try:
-        config = apply_overrides(config_type(), overrides)
-        run(config, " ".join(["dfpo", *argv]))
+        if argv[0] in ("train", "list"):
+            run(overrides, command)
+        else:
+            run(apply_overrides(config_type(), overrides), command)
     except ConfigError as error:
         print(f"dfpo {argv[0]}: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,11 @@
 
 Every field carries its help text in ``metadata["help"]``. Overrides are parsed by the field's type; an unknown
 key or a value of the wrong type is refused with a message that names the key and the valid keys or type. A
-``dict`` field takes sub-keys (``task.digits=1``), passed on as keyword options to whatever the field configures.
+``dict`` field takes sub-keys (``task.digits=1``), passed on as keyword options to whatever the field configures;
+a field that is itself a config dataclass takes dotted keys into it (``critic.lr=1e-5``).
+
+A YAML file is a nested mapping of the same keys; :func:`flatten` turns it into overrides, so a file and the
+command line are checked by the same rules.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str) -> Any:
     """A dataclass field with a default and its help text."""
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
@@ -58,11 +64,16 @@ def _convert(key: str, text: str, hint: Any) -> Any:
     return text
 
 
-def apply_overrides(config: Any, overrides: list[str]) -> Any:
-    """A copy of dataclass ``config`` with ``key=value`` overrides applied."""
+def _is_dict(hint: Any) -> bool:
+    return hint is dict or typing.get_origin(hint) is dict
+
+
+def apply_overrides(config: Any, overrides: list[str], prefix: str = "") -> Any:
+    """A copy of dataclass ``config`` with ``key=value`` overrides applied (later ones win)."""
     hints = typing.get_type_hints(type(config))
     fields = {f.name: f for f in dataclasses.fields(config)}
     changes: dict[str, Any] = {}
+    nested: dict[str, list[str]] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item!r}: overrides are key=value, e.g. steps=100")
@@ -70,24 +81,46 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
         key = key.strip()
         head, _, sub = key.partition(".")
         if head not in fields:
-            raise ConfigError(f"unknown key {head!r}; valid keys: {', '.join(fields)}")
-        if sub:
-            if typing.get_origin(hints[head]) is not dict and hints[head] is not dict:
-                raise ConfigError(f"{key!r}: {head!r} takes no sub-keys")
+            raise ConfigError(f"unknown key {prefix + head!r}; valid keys: {', '.join(prefix + f for f in fields)}")
+        if dataclasses.is_dataclass(hints[head]):
+            if not sub:
+                raise ConfigError(f"{prefix + key!r} is a group of keys: set {prefix + key}.<name>=value")
+            nested.setdefault(head, []).append(f"{sub}={text}")
+        elif sub:
+            if not _is_dict(hints[head]):
+                raise ConfigError(f"{prefix + key!r}: {prefix + head!r} takes no sub-keys")
             current = changes.get(head, dict(getattr(config, head)))
             current[sub] = parse_scalar(text)
             changes[head] = current
-        elif hints[head] is dict or typing.get_origin(hints[head]) is dict:
-            raise ConfigError(f"{key!r} takes sub-keys: {key}.<name>=value")
+        elif _is_dict(hints[head]):
+            raise ConfigError(f"{prefix + key!r} takes sub-keys: {prefix + key}.<name>=value")
         else:
-            changes[head] = _convert(key, text, hints[head])
+            changes[head] = _convert(prefix + key, text, hints[head])
+    for head, items in nested.items():
+        changes[head] = apply_overrides(getattr(config, head), items, f"{prefix}{head}.")
     return dataclasses.replace(config, **changes)
 
 
-def describe(config_type: type) -> str:
-    """One line per field: ``name = default  help``."""
+def flatten(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"critic": {"lr": 1e-5}}`` -> ``["critic.lr=1e-05"]``: a nested mapping (a YAML file) as overrides."""
+    items = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            items += flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={'none' if value is None else value}")
+    return items
+
+
+def describe(config_type: type, prefix: str = "") -> str:
+    """One entry per field, nested groups expanded: ``name = default`` and the help text."""
     lines = []
+    hints = typing.get_type_hints(config_type)
     for f in dataclasses.fields(config_type):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"  {prefix}{f.name}.*   {f.metadata.get('help', '')}")
+            lines.append(describe(hints[f.name], f"{prefix}{f.name}."))
+            continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -72,3 +72,34 @@ def evaluate(
         "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0]["answer"]},
         **task.extra_metrics(completions, examples),
     }
+
+
+def sampled_metrics(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: list[dict[str, Any]],
+    k: int,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """``mean@k`` (mean score of ``k`` sampled replies per example) and ``maj@k`` (score of their majority answer).
+
+    Draws from torch's global generator: seed it (or fork it) around the call.
+    """
+    from dfpo.rollout import sample
+    from dfpo.tasks.noise import majority_vote
+
+    mean = majority = 0.0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [render_prompt(tokenizer, task.messages(e)) for e in chunk]
+        rollout = sample(model, tokenizer, prompts, k, max_new_tokens, temperature)
+        for i, example in enumerate(chunk):
+            replies = rollout.completions[i * k : (i + 1) * k]
+            mean += sum(task.score(c, example) for c in replies) / k
+            answer, _ = majority_vote(task, example, replies)
+            majority += task.score_answer(answer, example) if answer is not None else 0.0
+    n = max(1, len(examples))
+    return {f"mean@{k}": mean / n, f"maj@{k}": majority / n}

@@ -77,7 +77,8 @@ def smollm2_dir() -> Path:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A model folder from a name (``tiny``, ``smollm2``) or a path to a local Hugging Face causal-LM folder."""
+    """A model folder from a name (``tiny``, ``smollm2``), a local Hugging Face causal-LM folder, or a ``dfpo train``
+    run folder (its latest checkpoint's policy)."""
     if name_or_path == SMOLLM2:
         return smollm2_dir()
     if name_or_path == TINY:
@@ -85,6 +86,9 @@ def resolve_model(name_or_path: str) -> Path:
             raise MissingAssetError(f"the tiny model's files are missing from {TINY_DIR}: reinstall dfpo")
         return TINY_DIR
     path = Path(name_or_path).expanduser()
+    if (path / "latest").is_file() and (path / "checkpoints").is_dir():
+        # a dfpo train run folder: its latest checkpoint's policy
+        path = path / "checkpoints" / (path / "latest").read_text().strip() / "policy"
     if (path / "config.json").exists():
         return path
     raise MissingAssetError(

@@ -144,3 +144,20 @@ def response_logprobs(
 ) -> Tensor:
     """``[N, R]`` log-probabilities of the response tokens (:func:`response_forward` without hidden states)."""
     return response_forward(model, input_ids, attention_mask, response_length, temperature)[0]
+
+
+def prompt_features(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """``[N, H]``: the last layer's hidden states averaged over each sequence's real prompt tokens (FlowRL's
+    log-partition input). Reads the prompt part only, so it does not depend on the response."""
+    ids, mask = input_ids[:, :prompt_length], attention_mask[:, :prompt_length]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
+    weights = mask.to(out.hidden_states[-1].dtype).unsqueeze(-1)
+    return (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def trunk_hidden(trunk: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+    """``[N, R, H]`` hidden states of a bare transformer trunk (a separate critic backbone) at the states before
+    each of the last ``response_length`` tokens: the same positions as :func:`response_forward`."""
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    prompt_length = input_ids.shape[1] - response_length
+    return out.last_hidden_state[:, prompt_length - 1 : input_ids.shape[1] - 1]

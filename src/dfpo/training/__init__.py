@@ -1,0 +1,1 @@
+"""``dfpo train``: the trainer, its configuration, the algorithm presets, checkpoints and reports."""

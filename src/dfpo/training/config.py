@@ -1,0 +1,260 @@
+"""``dfpo train``'s configuration: nested dataclasses whose fields carry their help text and defaults.
+
+Precedence, lowest first: the defaults below, the ``algo`` preset (:mod:`dfpo.training.algos`), the ``--config``
+YAML file, then ``key=value`` overrides on the command line. :func:`validate` refuses combinations that cannot
+train, naming the key and the valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfpo.config import ConfigError, apply_overrides, flatten, option
+
+CRITIC_KINDS = ("none", "scalar", "ensemble", "quantile", "flow")
+BACKBONES = ("separate", "shared", "frozen")
+KL_MODES = ("reward", "loss", "none")
+SCHEDULES = ("constant", "linear", "cosine")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    prompts: int = option(16, "prompts per step")
+    samples: int = option(4, "responses sampled per prompt (the group of group-relative estimators)")
+    max_new_tokens: int = option(64, "response length limit; a response cut here has no end token")
+    temperature: float = option(1.0, "sampling temperature (log-probs are those of the tempered distribution)")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    mask_truncated: bool = option(False, "give responses cut at max_new_tokens no weight in any loss")
+    batch_size: int = option(64, "sequences per generate call and per no-grad scoring forward")
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    loss: str = option("ppo_clip", "policy loss from dfpo.core.policy_losses (ppo_clip, flowrl)")
+    loss_options: dict = option({}, "extra keyword options of the policy loss, e.g. actor.loss_options.beta=15")
+    lr: float = option(2e-4, "peak AdamW learning rate of the policy")
+    weight_decay: float = option(0.0, "AdamW weight decay of the policy")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps (counted from the first actor update)")
+    schedule: str = option("constant", "learning-rate schedule after warm-up: constant, linear (to 0) or cosine")
+    epochs: int = option(1, "PPO epochs over each step's rollouts")
+    minibatches: int = option(1, "optimizer steps per epoch; the step's sequences are split evenly")
+    micro_batch: int = option(0, "sequences per forward/backward; gradients accumulate over a minibatch (0: all)")
+    clip_low: float = option(0.2, "PPO ratio clip below 1")
+    clip_high: float = option(0.2, "PPO ratio clip above 1")
+    aggregation: str = option("token-mean", "loss reduction over tokens (dfpo.core.masked.AGGREGATIONS)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: no clipping)")
+    whiten: bool = option(True, "whiten advantages over the step's valid tokens")
+
+
+@dataclass(frozen=True)
+class CriticOptions:
+    kind: str = option("flow", "none, scalar (PPO), ensemble (robust PPO), quantile (DVPO) or flow (DFPO)")
+    backbone: str = option(
+        "separate", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
+    )
+    lr: float = option(1e-3, "peak AdamW learning rate of the critic (its head; its trunk too when separate)")
+    trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as critic.lr)")
+    warmup_steps: int = option(2, "steps at the start that train the critic only (the actor waits)")
+    coef: float = option(0.5, "weight of the critic loss when it shares the policy's trunk")
+    grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
+    value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
+    samples: int = option(32, "K return samples per token of the flow critic")
+    width: int = option(128, "hidden width of the critic head")
+    heads: int = option(3, "heads of a quantile critic, members of an ensemble critic")
+    quantiles: int = option(200, "M quantiles per head of a quantile critic")
+    return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
+    risk_weight: float = option(0.1, "weight of the risk terms (CVaR, upper-tail gain, tail shape)")
+    pessimism: float = option(0.0, "ensemble critic: quantile of the members' targets (0: the minimum)")
+    flow: dict = option({}, "extra options of ValueFlowCritic.loss, e.g. critic.flow.coupling=independent")
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    coef: float = option(0.001, "KL coefficient against the frozen reference policy")
+    mode: str = option("reward", "reward (per-token penalty in r_t), loss (added to the actor loss) or none")
+    estimator: str = option("k1", "k1, k2 or k3 (k1 in the reward, k3 as a loss, by convention)")
+
+
+@dataclass(frozen=True)
+class AdvantageOptions:
+    estimator: str = option("distributional_gae", "advantage estimator from dfpo.core.advantages")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    every: int = option(0, "held-out evaluation every this many steps (0: only before and after training)")
+    limit: int = option(128, "examples per evaluated split")
+    splits: str = option("eval", "comma-separated splits of the task to evaluate")
+    samples: int = option(0, "k > 0 adds mean@k and maj@k (sampled at the rollout temperature)")
+    max_new_tokens: int = option(0, "generation length (0: rollout.max_new_tokens)")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    progress: bool = option(True, "show a progress bar with ETA and the key numbers")
+    samples_every: int = option(10, "write sample completions to samples.jsonl every this many steps (0: never)")
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN_DIR/tensorboard (needs tensorboard)")
+    wandb: bool = option(False, "also log to Weights & Biases, offline, in RUN_DIR/wandb (needs wandb)")
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    every: int = option(0, "write a checkpoint every this many steps (0: only at the end)")
+    keep: int = option(2, "checkpoints to keep (older ones are deleted after a newer one is complete)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``dfpo train [--config FILE] [key=value ...]``: RL post-training with DFPO or a baseline."""
+
+    algo: str = option("dfpo", "algorithm preset (dfpo list shows them); its settings come before yours")
+    model: str = option("tiny", "'tiny', 'smollm2' or a Hugging Face causal-LM folder")
+    task: str = option("arithmetic", "registered task (dfpo list shows them)")
+    task_options: dict = option({"prompt_style": "terse"}, "keyword options of the task: task_options.<name>=value")
+    train_limit: int = option(0, "use only the first N training examples (0: the task's whole train split)")
+    noise: str = option("flip(0.2)", "noise on the training reward: clean, flip(p), gaussian(s), pseudo_label(n), ...")
+    steps: int = option(60, "training steps (one rollout batch each)")
+    seed: int = option(0, "seed of everything: data order, sampling, noise, initialisation")
+    run_dir: str = option("runs/{algo}-{task}-seed{seed}", "output folder; {algo}, {task}, {seed} are filled in")
+    resume: str = option("", "'auto' continues from run_dir's latest checkpoint; or a checkpoint folder")
+    max_bad_steps: int = option(3, "stop after this many steps in a row with a NaN/inf loss or gradient")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    rollout: RolloutOptions = option(RolloutOptions(), "sampling")
+    actor: ActorOptions = option(ActorOptions(), "policy update")
+    critic: CriticOptions = option(CriticOptions(), "critic")
+    kl: KLOptions = option(KLOptions(), "KL to the reference policy")
+    advantage: AdvantageOptions = option(AdvantageOptions(), "advantage estimation")
+    eval: EvalOptions = option(EvalOptions(), "held-out evaluation")
+    log: LogOptions = option(LogOptions(), "logging")
+    checkpoint: CheckpointOptions = option(CheckpointOptions(), "checkpoints")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir.format(algo=self.algo, task=self.task, seed=self.seed))
+
+
+def load_yaml(path_or_name: str) -> dict[str, Any]:
+    """A YAML config file's mapping; a bare name (``smollm2``) is looked up in the packaged ``configs/``."""
+    path = Path(path_or_name)
+    if not path.exists() and (CONFIG_DIR / f"{path_or_name}.yaml").exists():
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"--config {path_or_name!r}: no such file (shipped configs: {shipped})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def build_config(overrides: list[str], config_file: str | None = None) -> TrainConfig:
+    """Defaults, then the algo preset, then ``config_file``, then ``overrides``; validated."""
+    from dfpo.training.algos import algo_overrides
+
+    file_items = flatten(load_yaml(config_file)) if config_file else []
+    # the algo decides the preset, so find it first (command line over file over default)
+    probe = apply_overrides(TrainConfig(), [i for i in [*file_items, *overrides] if i.split("=", 1)[0] == "algo"])
+    config = apply_overrides(TrainConfig(), [*algo_overrides(probe.algo), *file_items, *overrides])
+    validate(config)
+    return config
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r}: valid values are {', '.join(valid)}")
+
+
+def validate(c: TrainConfig) -> None:
+    """Refuse settings that cannot train, naming the key and what would work."""
+    import dfpo.tasks as tasks
+    from dfpo.core import advantages, policy_losses
+    from dfpo.core.kl import ESTIMATORS
+    from dfpo.core.masked import AGGREGATIONS
+    from dfpo.training.algos import ALGOS
+
+    _one_of("algo", c.algo, list(ALGOS))
+    _one_of("task", c.task, tasks.names())
+    _one_of("critic.kind", c.critic.kind, CRITIC_KINDS)
+    _one_of("critic.backbone", c.critic.backbone, BACKBONES)
+    _one_of("kl.mode", c.kl.mode, KL_MODES)
+    _one_of("kl.estimator", c.kl.estimator, ESTIMATORS)
+    _one_of("actor.schedule", c.actor.schedule, SCHEDULES)
+    _one_of("actor.aggregation", c.actor.aggregation, AGGREGATIONS)
+    _one_of("actor.loss", c.actor.loss, policy_losses.names())
+    _one_of("advantage.estimator", c.advantage.estimator, advantages.names())
+    positive = {
+        "steps": c.steps, "rollout.prompts": c.rollout.prompts, "rollout.samples": c.rollout.samples,
+        "rollout.max_new_tokens": c.rollout.max_new_tokens, "rollout.batch_size": c.rollout.batch_size,
+        "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
+        "eval.limit": c.eval.limit,
+    }  # fmt: skip
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be at least 1")
+    if c.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={c.rollout.temperature}: must be > 0 (RL samples its rollouts)")
+    if c.resume not in ("", "auto") and not Path(c.resume).is_dir():
+        raise ConfigError(f"resume={c.resume!r}: use 'auto' (run_dir's latest checkpoint) or a checkpoint folder")
+
+    estimator_inputs = advantages.ADVANTAGES.inputs(c.advantage.estimator)[0]
+    grouped = "group" in estimator_inputs or c.actor.loss == "flowrl"
+    if grouped and c.rollout.samples < 2:
+        raise ConfigError(
+            f"rollout.samples={c.rollout.samples}: {c.algo} compares the responses to one prompt "
+            f"({c.advantage.estimator} advantages), so it needs rollout.samples >= 2"
+        )
+    needs = {"values": ("scalar", "ensemble"), "samples": ("quantile", "flow")}
+    for name, kinds in needs.items():
+        if name in estimator_inputs and c.critic.kind not in kinds:
+            raise ConfigError(
+                f"advantage.estimator={c.advantage.estimator} needs a critic giving {name}: "
+                f"critic.kind one of {', '.join(kinds)} (got {c.critic.kind})"
+            )
+    if c.critic.kind in ("quantile", "flow") and "samples" not in estimator_inputs:
+        raise ConfigError(
+            f"critic.kind={c.critic.kind} is distributional: use advantage.estimator=distributional_gae "
+            f"(got {c.advantage.estimator})"
+        )
+    if c.critic.kind in ("scalar", "ensemble") and "values" not in estimator_inputs:
+        raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
+    if c.critic.kind == "flow" and c.critic.samples < 2:
+        raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
+    if c.critic.kind == "quantile" and c.critic.quantiles < 2:
+        raise ConfigError(f"critic.quantiles={c.critic.quantiles}: a quantile critic needs at least 2")
+    if c.critic.kind in ("ensemble", "quantile") and c.critic.heads < 1:
+        raise ConfigError(f"critic.heads={c.critic.heads}: must be at least 1")
+    batch = c.rollout.prompts * c.rollout.samples
+    if batch % c.actor.minibatches:
+        raise ConfigError(
+            f"actor.minibatches={c.actor.minibatches} must divide the {batch} sequences of a step "
+            f"(rollout.prompts x rollout.samples)"
+        )
+    minibatch = batch // c.actor.minibatches
+    if c.actor.micro_batch < 0 or (c.actor.micro_batch and minibatch % c.actor.micro_batch):
+        raise ConfigError(
+            f"actor.micro_batch={c.actor.micro_batch} must divide the minibatch of {minibatch} sequences (or be 0)"
+        )
+    if c.noise.startswith("reward_model") and c.task != "dialogue":
+        raise ConfigError(f"noise=reward_model scores CoQA answers: use it with task=dialogue (got task={c.task})")
+    if c.noise.startswith(("flip", "pseudo_label")) and c.task == "dialogue":
+        raise ConfigError(f"noise={c.noise} needs binary right/wrong rewards; dialogue's F1 is graded: "
+                          "use noise=reward_model, gaussian(s) or clean")  # fmt: skip
+
+
+def changed_keys(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two configs, except those under ``ignore`` prefixes."""
+    flat_a = dict(i.split("=", 1) for i in flatten(dataclasses.asdict(a)))
+    flat_b = dict(i.split("=", 1) for i in flatten(dataclasses.asdict(b)))
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if flat_a.get(k) != flat_b.get(k) and not k.startswith(ignore)]

@@ -1,0 +1,619 @@
+"""The training loop shared by DFPO and every baseline.
+
+One step, top to bottom (:meth:`Trainer.train_step`):
+
+1. take the next prompts in the seeded data order; sample ``n`` responses to each (KV cache, left padding);
+2. score them: the true reward against the gold answer, and the observed one through the noise model;
+3. without gradients, score the rollout: the rollout policy's log-probs, the reference policy's, and the critic
+   (values, ensemble values, quantiles or flow samples at the state before each response token);
+4. per-token rewards: the outcome reward on the last response token, minus ``kl.coef * KL`` per token when the KL
+   is in the reward;
+5. advantages from the registry (:mod:`dfpo.core.advantages`), whitened for critic-based algorithms, and the
+   critic's targets;
+6. ``actor.epochs`` passes over ``actor.minibatches`` shuffled minibatches, gradients accumulated over
+   micro-batches; the critic learns on the same minibatches, alone during its warm-up steps;
+7. log, evaluate now and then, checkpoint.
+
+The critic backbone is ``separate`` (its own copy of the LM, initialised from the starting policy: the most
+capacity and twice the compute and memory), ``shared`` (heads on the policy's trunk, the critic's loss flows into
+it: cheapest, but value and policy gradients interfere) or ``frozen`` (heads on the policy's detached features:
+cheap and no interference, but the features are not trained for values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers.utils import logging as transformers_logging
+
+from dfpo.config import ConfigError
+from dfpo.core import advantages as advantage_estimators
+from dfpo.core import policy_losses
+from dfpo.core.kl import kl_estimate, kl_metrics
+from dfpo.core.masked import masked_mean, masked_whiten
+from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets
+from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
+from dfpo.models import load_model
+from dfpo.rollout import prompt_features, response_forward, sample, trunk_hidden
+from dfpo.tasks.noise import PseudoLabel, make_noise
+from dfpo.training import checkpoint as ckpt
+from dfpo.training.config import TrainConfig, changed_keys
+from dfpo.training.report import MetricsLog, write_report
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a NaN or inf loss or gradient."""
+
+
+class DataOrder:
+    """Seeded order over ``n`` training examples, reshuffled every epoch; its state is ``(epoch, position)``."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            order = self._order()
+            chunk = order[self.position : self.position + k - len(out)]
+            out += chunk
+            self.position += len(chunk)
+            if self.position >= self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in records for k in r}
+    return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig` and runs it (:meth:`run`)."""
+
+    def __init__(self, config: TrainConfig, command: str = "dfpo train") -> None:
+        self.config, self.command = config, command
+        c = config
+        transformers_logging.disable_progress_bar()  # per-load bars would bury the training's own
+        if c.threads > 0:
+            torch.set_num_threads(c.threads)
+        self.run_dir = c.resolved_run_dir
+        self.resume_from = self._find_resume()
+        if self.resume_from is None and (self.run_dir / ckpt.LATEST).exists():
+            raise ConfigError(
+                f"run_dir {self.run_dir} already holds a run: continue it with resume=auto, or choose another run_dir"
+            )
+        state = ckpt.load_state(self.resume_from) if self.resume_from else None
+        if state is not None:
+            self._check_resume_config(state)
+        self._seed(c.seed)
+
+        import dfpo.tasks as tasks
+
+        try:
+            self.task = tasks.get(c.task, **c.task_options)
+            self.train = self.task.examples("train", c.train_limit or None)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"task {c.task!r} with task_options {c.task_options}: {error}") from None
+        if not self.train:
+            raise ConfigError(f"task {c.task!r} has no training examples")
+        try:
+            self.noise = make_noise(c.noise, seed=c.seed)
+        except ValueError as error:
+            raise ConfigError(f"noise={c.noise!r}: {error}") from None
+
+        policy_source = str(self.resume_from / "policy") if self.resume_from else c.model
+        self.policy, self.tokenizer = load_model(policy_source)
+        self.hidden_size = self.policy.config.hidden_size
+        needs_ref = c.kl.mode != "none" or c.actor.loss == "flowrl" or isinstance(self.noise, PseudoLabel)
+        self.ref = self._frozen(load_model(c.model)[0]) if needs_ref else None
+
+        self.modules: dict[str, nn.Module] = {}
+        self.critic = self._build_critic()
+        if self.critic is not None:
+            self.modules["critic"] = self.critic
+        self.trunk = None
+        if self.critic is not None and c.critic.backbone == "separate":
+            self.trunk = load_model(c.model)[0].base_model  # the critic starts from the starting policy's trunk
+            self.modules["critic_trunk"] = self.trunk
+        self.log_z = None
+        if c.actor.loss == "flowrl":
+            w = c.critic.width
+            self.log_z = nn.Sequential(nn.Linear(self.hidden_size, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
+                                       nn.Linear(w, 1))  # fmt: skip
+            self.modules["log_z"] = self.log_z
+        self._build_optimizers()
+
+        self.data = DataOrder(len(self.train), c.seed)
+        self.step = 0
+        self.bad_steps = 0
+        self.pseudo_labels: dict[str, Any] = {}
+        if state is not None:
+            ckpt.load_into(self.resume_from, self.modules, self.optimizers)
+            self.step, self.bad_steps = state["step"], state["bad_steps"]
+            self.data.epoch, self.data.position = state["data"]["epoch"], state["data"]["position"]
+            self.pseudo_labels = state.get("pseudo_labels", {})
+        self.log = MetricsLog(self.run_dir, c.log, truncate_after=self.step if state else 0)
+        self._last_samples: list[dict[str, Any]] = []
+
+    # -- construction ----------------------------------------------------------------------------------------
+
+    def _find_resume(self) -> Path | None:
+        if not self.config.resume:
+            return None
+        if self.config.resume == "auto":
+            return ckpt.latest_checkpoint(self.run_dir)
+        return Path(self.config.resume)
+
+    def _check_resume_config(self, state: dict[str, Any]) -> None:
+        from dfpo.config import apply_overrides, flatten
+
+        saved = apply_overrides(TrainConfig(), flatten(state["config"]))
+        ignore = ("steps", "resume", "log.", "checkpoint.", "eval.", "threads", "max_bad_steps")
+        differ = changed_keys(saved, self.config, ignore)
+        if differ:
+            raise ConfigError(
+                f"resume: the config differs from the run's in {', '.join(differ[:6])}; resume with the run's "
+                f"settings (in {self.run_dir / 'train_config.json'}) and change only steps, eval.*, log.*, checkpoint.*"
+            )
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def _frozen(model: nn.Module) -> nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _build_critic(self) -> nn.Module | None:
+        k, h = self.config.critic, self.hidden_size
+        if k.kind == "scalar":
+            return ScalarValueHead(h)
+        if k.kind == "ensemble":
+            return ScalarValueHead(h, num_heads=k.heads)
+        if k.kind == "quantile":
+            return QuantileCritic(h, k.quantiles, k.heads, k.width, k.return_scale)
+        if k.kind == "flow":
+            return ValueFlowCritic(h, k.width, return_scale=k.return_scale)
+        return None
+
+    def _build_optimizers(self) -> None:
+        c = self.config
+        actor_groups = [
+            {"params": list(self.policy.parameters()), "lr": c.actor.lr, "weight_decay": c.actor.weight_decay}
+        ]
+        if self.log_z is not None:
+            actor_groups.append({"params": list(self.log_z.parameters()), "lr": c.critic.lr, "weight_decay": 0.0})
+        critic_groups = []
+        if self.critic is not None:
+            head = {"params": list(self.critic.parameters()), "lr": c.critic.lr, "weight_decay": 0.0}
+            (actor_groups if c.critic.backbone == "shared" else critic_groups).append(head)
+        if self.trunk is not None:
+            trunk_lr = c.critic.trunk_lr or c.actor.lr
+            critic_groups.append({"params": list(self.trunk.parameters()), "lr": trunk_lr, "weight_decay": 0.0})
+        warm = c.critic.warmup_steps if self.critic is not None else 0
+        actor_updates = max(1, (c.steps - warm) * c.actor.epochs * c.actor.minibatches)
+        self.actor_opt = torch.optim.AdamW(actor_groups)
+        self.optimizers: dict[str, Any] = {
+            "actor": self.actor_opt,
+            "actor_schedule": torch.optim.lr_scheduler.LambdaLR(
+                self.actor_opt, _schedule(c.actor.schedule, c.actor.warmup_steps, actor_updates)
+            ),
+        }
+        self.critic_opt = torch.optim.AdamW(critic_groups) if critic_groups else None
+        if self.critic_opt is not None:
+            self.optimizers["critic"] = self.critic_opt
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``config.steps``, evaluating before (on a fresh run) and after; returns the run summary."""
+        from tqdm import tqdm
+
+        c = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        eval_path = self.run_dir / "eval.json"
+        evals = json.loads(eval_path.read_text()) if self.resume_from and eval_path.exists() else {}
+        if self.resume_from is None:
+            record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed}
+            (self.run_dir / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
+            evals = {"before": self.evaluate(), "history": []}
+        start = time.perf_counter()
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.log.progress, file=sys.stderr, desc=c.algo,
+                   dynamic_ncols=True)  # fmt: skip
+        while self.step < c.steps:
+            self.step += 1
+            metrics = self.train_step()
+            if (c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps:
+                result = self.evaluate()
+                evals["history"].append({"step": self.step, **result})
+                metrics.update({f"eval/{s}/{k}": v for s, r in result.items() for k, v in r.items()})
+            self.log.write(metrics)
+            bar.update(1)
+            bar.set_postfix({
+                "obs": f"{metrics['reward/observed']:.2f}", "true": f"{metrics['reward/true']:.2f}",
+                "ev": f"{metrics.get('critic/explained_var', float('nan')):.2f}",
+                "len": f"{metrics['response_length/mean']:.0f}",
+            })  # fmt: skip
+            if c.log.samples_every and self.step % c.log.samples_every == 0 and self._last_samples:
+                bar.write(f"step {self.step} sample: {self._last_samples[0]['completion']!r}")
+            if self.bad_steps >= c.max_bad_steps:
+                bar.close()
+                self.log.close()
+                raise TrainingDiverged(
+                    f"step {self.step}: {self.bad_steps} steps in a row had a NaN or inf loss or gradient and were "
+                    f"skipped; the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir)}. Lower actor.lr or "
+                    "critic.lr, or check the reward function"
+                )
+            due = self.step == c.steps or (c.checkpoint.every and self.step % c.checkpoint.every == 0)
+            if due and not self.bad_steps:  # a checkpoint is only ever written after a good step
+                self.save()
+        bar.close()
+        evals["after"] = evals["history"][-1] if evals.get("history") else self.evaluate()
+        evals["after"] = {k: v for k, v in evals["after"].items() if k != "step"}
+        evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
+        tmp = eval_path.with_name(".eval.json.tmp")
+        tmp.write_text(json.dumps(evals, indent=1) + "\n")
+        tmp.replace(eval_path)
+        self.log.close()
+        write_report(self.run_dir, c, evals)
+        return evals
+
+    def save(self) -> Path:
+        state = {
+            "config": dataclasses.asdict(self.config),
+            "data": self.data.state(),
+            "bad_steps": self.bad_steps,
+            "pseudo_labels": self.pseudo_labels,
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, self.policy, self.tokenizer, self.modules, self.optimizers, state,
+            self.config.checkpoint.keep,
+        )  # fmt: skip
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        c, step = self.config, self.step
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        examples = [self.train[i] for i in self.data.take(c.rollout.prompts)]
+        if isinstance(self.noise, PseudoLabel):
+            examples = self._pseudo_label(examples)
+        prompts = [render_prompt(self.tokenizer, self.task.messages(e)) for e in examples]
+        self.policy.eval()
+        rollout = sample(self.policy, self.tokenizer, prompts, c.rollout.samples, c.rollout.max_new_tokens,
+                         c.rollout.temperature, c.rollout.top_p)  # fmt: skip
+        times["generate"] = time.perf_counter() - t
+
+        # rewards: the learner sees the observed one; the true one is logged beside it
+        t = time.perf_counter()
+        group = rollout.prompt_index
+        per_seq = [examples[i] for i in group.tolist()]
+        noisy = self.noise.score(self.task, rollout.completions, per_seq, step)
+        kept = torch.tensor([o is not None for o in noisy.observed])
+        scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32)
+        true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32)
+        mask = rollout.response_mask.float() * kept[:, None]
+        if c.rollout.mask_truncated:
+            mask = mask * (~rollout.truncated)[:, None]
+        times["reward"] = time.perf_counter() - t
+
+        # score the rollout without gradients
+        t = time.perf_counter()
+        ids, attn, width = rollout.input_ids, rollout.attention_mask, mask.shape[1]
+        batch = self._score_rollout(ids, attn, width, rollout.prompt_length)
+        times["score"] = time.perf_counter() - t
+
+        # per-token rewards and advantages
+        last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+        rewards = scores[:, None] * last
+        metrics: dict[str, float] = {}
+        if self.ref is not None:
+            metrics.update(kl_metrics(batch["old_logp"], batch["ref_logp"], mask))
+            if c.kl.mode == "reward":
+                rewards = rewards - c.kl.coef * kl_estimate(batch["old_logp"], batch["ref_logp"], c.kl.estimator) * mask
+        adv, returns, adv_metrics = advantage_estimators.compute(
+            c.advantage.estimator, rewards=rewards, values=batch.get("values"), samples=batch.get("samples"),
+            scores=scores, mask=mask, group=group, gamma=c.advantage.gamma, lam=c.advantage.lam,
+        )  # fmt: skip
+        metrics.update(adv_metrics)
+        if adv.dim() == 3:  # distributional: per-sample advantages; the actor uses their mean
+            batch["targets"], adv = returns, adv.mean(-1)
+        elif c.critic.kind == "ensemble":
+            batch["targets"] = pessimistic_targets(rewards, batch["ensemble"], mask, c.advantage.gamma,
+                                                   c.advantage.lam, c.critic.pessimism)  # fmt: skip
+        else:
+            batch["targets"] = returns
+        if c.actor.whiten:
+            adv = masked_whiten(adv, mask)
+        batch.update(ids=ids, attn=attn, mask=mask, adv=adv)
+        if c.actor.loss == "flowrl":
+            batch["seq_reward"] = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+        t = time.perf_counter()
+        update_metrics, skipped = self._update(batch, width)
+        times["update"] = time.perf_counter() - t
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        metrics.update(update_metrics)
+
+        lengths = rollout.response_mask.sum(-1).float()
+        tokens = float(attn.sum())
+        metrics.update({
+            "step": step,
+            "data/epoch": self.data.epoch,
+            "reward/observed": float(scores[kept].mean()) if kept.any() else 0.0,
+            "reward/true": float(true[kept].mean()) if kept.any() else 0.0,
+            "reward/observed_std": float(scores[kept].std()) if kept.sum() > 1 else 0.0,
+            "reward/noise_rate": noisy.rate,
+            "reward/skipped": float((~kept).sum()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/min": float(lengths.min()),
+            "response_length/clip_ratio": float(rollout.truncated.float().mean()),
+            "train/skipped_update": float(skipped),
+            "perf/generate_tokens_per_s": float(lengths.sum()) / max(times["generate"], 1e-9),
+            "perf/score_tokens_per_s": tokens / max(times["score"], 1e-9),
+            "perf/update_tokens_per_s": tokens * c.actor.epochs / max(times["update"], 1e-9),
+            "perf/step_s": sum(times.values()),
+            **{f"perf/{k}_s": v for k, v in times.items()},
+        })  # fmt: skip
+        if isinstance(self.noise, PseudoLabel) and self.pseudo_labels:
+            right = [v["right"] for v in self.pseudo_labels.values()]
+            metrics["reward/pseudo_label_accuracy"] = sum(right) / len(right)
+        self._last_samples = [
+            {"step": step, "prompt": prompts[int(group[i])], "completion": rollout.completions[i],
+             "observed": noisy.observed[i], "true": noisy.true[i]}
+            for i in range(min(2, len(rollout.completions)))
+        ]  # fmt: skip
+        if c.log.samples_every and step % c.log.samples_every == 0:
+            self.log.samples(self._last_samples)
+        return metrics
+
+    def _pseudo_label(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Examples with their pseudo-label: the majority vote of the *starting* policy (the reference model),
+        computed the first time an example is drawn, kept in checkpoints, and drawn from a forked generator so
+        that labelling never moves the training's random stream."""
+        keys = [json.dumps(e["prompt"], sort_keys=True) for e in examples]
+        todo = [e for e, k in zip(examples, keys, strict=True) if k not in self.pseudo_labels]
+        if todo:
+            with torch.random.fork_rng():
+                labelled, _ = self.noise.label(self.ref, self.tokenizer, self.task, todo,
+                                               self.config.rollout.temperature, self.config.rollout.top_p,
+                                               self.config.rollout.max_new_tokens)  # fmt: skip
+            for e in labelled:
+                right = e["pseudo_answer"] is not None and self.task.score_answer(e["pseudo_answer"], e) > 0.5
+                self.pseudo_labels[json.dumps(e["prompt"], sort_keys=True)] = {
+                    "answer": e["pseudo_answer"], "right": bool(right)
+                }  # fmt: skip
+        return [{**e, "pseudo_answer": self.pseudo_labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
+
+    @torch.no_grad()
+    def _score_rollout(self, ids: Tensor, attn: Tensor, width: int, prompt_length: int) -> dict[str, Tensor]:
+        c = self.config
+        critic_on_policy = self.critic is not None and c.critic.backbone != "separate"
+        parts: dict[str, list[Tensor]] = {}
+        for rows in torch.arange(ids.shape[0]).split(c.rollout.batch_size):
+            i, a = ids[rows], attn[rows]
+            logp, hidden = response_forward(self.policy, i, a, width, c.rollout.temperature, critic_on_policy)
+            parts.setdefault("old_logp", []).append(logp)
+            if self.ref is not None:
+                parts.setdefault("ref_logp", []).append(
+                    response_forward(self.ref, i, a, width, c.rollout.temperature)[0]
+                )
+            if self.trunk is not None:
+                hidden = trunk_hidden(self.trunk, i, a, width)
+            if self.critic is not None:
+                for key, value in self._critic_outputs(hidden).items():
+                    parts.setdefault(key, []).append(value)
+            if self.log_z is not None:
+                parts.setdefault("prompt_features", []).append(prompt_features(self.policy, i, a, prompt_length))
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _critic_outputs(self, hidden: Tensor) -> dict[str, Tensor]:
+        k = self.config.critic
+        if k.kind == "scalar":
+            return {"values": self.critic.value(hidden)}
+        if k.kind == "ensemble":
+            ensemble = self.critic(hidden)
+            return {"values": ensemble.mean(-1), "ensemble": ensemble}
+        if k.kind == "quantile":
+            return {"samples": self.critic.quantiles(hidden)}
+        return {"samples": self.critic.sample(hidden, k.samples)}
+
+    # -- the update ------------------------------------------------------------------------------------------
+
+    def _update(self, batch: dict[str, Tensor], width: int) -> tuple[dict[str, float], bool]:
+        """PPO epochs over minibatches; returns the mean metrics and whether any minibatch was skipped."""
+        c = self.config
+        actor_active = self.critic is None or self.step > c.critic.warmup_steps
+        n = batch["ids"].shape[0]
+        size = n // c.actor.minibatches
+        micro = c.actor.micro_batch or size
+        records: list[dict[str, float]] = []
+        skipped = False
+        self.policy.train()
+        for _ in range(c.actor.epochs):
+            for rows in torch.randperm(n).split(size):
+                record, ok = self._minibatch(batch, rows, micro, width, actor_active)
+                records.append(record)
+                skipped |= not ok
+        self.policy.eval()
+        out = _mean_metrics(records)
+        out["actor/lr"] = self.optimizers["actor_schedule"].get_last_lr()[0]
+        out["actor/active"] = float(actor_active)
+        return out, skipped
+
+    def _minibatch(
+        self, batch: dict[str, Tensor], rows: Tensor, micro: int, width: int, actor_active: bool
+    ) -> tuple[dict[str, float], bool]:
+        c = self.config
+        self.actor_opt.zero_grad(set_to_none=True)
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        tokens = batch["mask"][rows].sum().clamp_min(1.0)
+        records = []
+        total_loss = 0.0
+        for part in rows.split(micro):
+            token_frac = float(batch["mask"][part].sum() / tokens)
+            seq_frac = len(part) / len(rows)
+            loss, record = self._losses(batch, part, width, actor_active, token_frac, seq_frac)
+            if loss.requires_grad:
+                loss.backward()
+            total_loss += float(loss.detach())
+            records.append(record)
+        record = _mean_metrics(records)
+        actor_params = [p for g in self.actor_opt.param_groups for p in g["params"]]
+        norms = {"actor/grad_norm": self._clip(actor_params, c.actor.grad_clip)}
+        if self.critic_opt is not None:
+            critic_params = [p for g in self.critic_opt.param_groups for p in g["params"]]
+            norms["critic/grad_norm"] = self._clip(critic_params, c.critic.grad_clip)
+        record.update(norms)
+        if not math.isfinite(total_loss) or not all(math.isfinite(v) for v in norms.values()):
+            print(f"step {self.step}: non-finite loss or gradient ({total_loss}, {norms}); update skipped",
+                  file=sys.stderr)  # fmt: skip
+            return record, False
+        if actor_active or (self.critic is not None and c.critic.backbone == "shared"):
+            self.actor_opt.step()
+            if actor_active:
+                self.optimizers["actor_schedule"].step()
+        if self.critic_opt is not None:
+            self.critic_opt.step()
+        return record, True
+
+    @staticmethod
+    def _clip(params: list[Tensor], max_norm: float) -> float:
+        grads = [p for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+        return float(norm)
+
+    def _losses(
+        self, batch: dict[str, Tensor], part: Tensor, width: int, actor_active: bool, token_frac: float,
+        seq_frac: float,
+    ) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+        """The micro-batch's share of the minibatch loss (actor + KL loss + critic), scaled so that the gradients
+        accumulated over micro-batches equal the gradient of the whole minibatch's loss."""
+        c = self.config
+        ids, attn, mask = batch["ids"][part], batch["attn"][part], batch["mask"][part]
+        critic_on_policy = self.critic is not None and c.critic.backbone != "separate"
+        policy_grad = actor_active or (self.critic is not None and c.critic.backbone == "shared")
+        loss = torch.zeros(())
+        record: dict[str, float] = {}
+        hidden = None
+        if policy_grad or critic_on_policy:
+            with torch.set_grad_enabled(policy_grad):
+                logp, hidden = response_forward(self.policy, ids, attn, width, c.rollout.temperature, critic_on_policy)
+            if actor_active:
+                actor_loss, m = self._actor_loss(batch, part, logp, mask)
+                frac = token_frac if c.actor.aggregation == "token-mean" else seq_frac
+                loss = loss + actor_loss * frac
+                record.update(m)
+                if c.kl.mode == "loss":
+                    kl = masked_mean(kl_estimate(logp, batch["ref_logp"][part], c.kl.estimator), mask)
+                    loss = loss + c.kl.coef * kl * token_frac
+                    record["actor/kl_loss"] = float(kl.detach())
+        if self.critic is not None:
+            if self.trunk is not None:
+                hidden = trunk_hidden(self.trunk, ids, attn, width)
+            elif c.critic.backbone == "frozen":
+                hidden = hidden.detach()
+            critic_loss, m = self._critic_loss(hidden, batch, part, mask)
+            weight = c.critic.coef if c.critic.backbone == "shared" else 1.0
+            loss = loss + weight * critic_loss * token_frac
+            record.update(m)
+        return loss, record
+
+    def _actor_loss(
+        self, batch: dict[str, Tensor], part: Tensor, logp: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        c = self.config
+        if c.actor.loss == "flowrl":
+            log_z = self.log_z(batch["prompt_features"][part]).squeeze(-1)
+            return policy_losses.POLICY_LOSSES.call(
+                "flowrl", log_probs=logp, old_log_probs=batch["old_logp"][part], ref_log_probs=batch["ref_logp"][part],
+                log_z=log_z, rewards=batch["seq_reward"][part], mask=mask, clip=c.actor.clip_high,
+                **c.actor.loss_options,
+            )  # fmt: skip
+        return policy_losses.POLICY_LOSSES.call(
+            c.actor.loss, log_probs=logp, old_log_probs=batch["old_logp"][part], advantages=batch["adv"][part],
+            mask=mask, clip_low=c.actor.clip_low, clip_high=c.actor.clip_high, aggregation=c.actor.aggregation,
+            **c.actor.loss_options,
+        )  # fmt: skip
+
+    def _critic_loss(
+        self, hidden: Tensor, batch: dict[str, Tensor], part: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        k = self.config.critic
+        targets = batch["targets"][part]
+        if k.kind in ("scalar", "ensemble"):
+            old = batch["ensemble"][part] if k.kind == "ensemble" else batch["values"][part]
+            return self.critic.loss(hidden, targets, mask, old_values=old, clip=k.value_clip or None)
+        if k.kind == "quantile":
+            return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight)
+        return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight, **k.flow)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """Held-out accuracy on each of ``eval.splits`` (greedy; with ``eval.samples = k`` also mean@k, maj@k).
+
+        Runs on a forked random stream, so evaluating never changes what training does next."""
+        c = self.config
+        max_new = c.eval.max_new_tokens or c.rollout.max_new_tokens
+        results: dict[str, dict[str, Any]] = {}
+        was_training = self.policy.training
+        self.policy.eval()
+        with torch.random.fork_rng():
+            for split in c.eval.splits.split(","):
+                r = evaluate(self.policy, self.tokenizer, self.task, split, c.eval.limit, max_new, batch_size=64)
+                r.pop("sample")
+                if c.eval.samples > 0:
+                    torch.manual_seed(c.seed)
+                    examples = self.task.examples(split, c.eval.limit)
+                    r.update(sampled_metrics(self.policy, self.tokenizer, self.task, examples, c.eval.samples,
+                                             max_new, c.rollout.temperature, batch_size=32))  # fmt: skip
+                results[split] = r
+        self.policy.train(was_training)
+        return results
+
+
+def train(config: TrainConfig, command: str = "dfpo train") -> dict[str, Any]:
+    """Run ``config`` to completion; returns the evaluation record (``before``, ``after``, ``history``)."""
+    return Trainer(config, command).run()

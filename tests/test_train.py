@@ -1,0 +1,207 @@
+"""``dfpo train`` end to end on the embedded tiny model: every algorithm, exact resume, refused configs, NaN steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfpo.cli import main
+from dfpo.config import ConfigError
+from dfpo.training.algos import ALGOS
+from dfpo.training.config import build_config
+from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged
+
+# Small enough for the test suite: 2 prompts x 2 samples, short replies, a few eval examples.
+SMALL = [
+    "model=tiny", "task=arithmetic", "rollout.prompts=2", "rollout.samples=2", "rollout.max_new_tokens=24",
+    "eval.limit=4", "critic.warmup_steps=1", "critic.samples=8", "critic.quantiles=16", "log.progress=false",
+]  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_every_algorithm_trains_two_steps(algo, tmp_path, capsys):
+    run_dir = tmp_path / algo
+    assert (
+        main(["train", f"algo={algo}", "model=tiny", "task=arithmetic", "steps=2", f"run_dir={run_dir}", *SMALL]) == 0
+    )
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert 0.0 <= m["reward/true"] <= 1.0 and 0.0 <= m["reward/observed"] <= 1.0
+        assert m["train/skipped_update"] == 0.0
+    assert metrics[-1]["actor/active"] == 1.0  # past the critic warm-up, the actor learned
+    assert "actor/pg_loss" in metrics[-1] or "actor/tb_loss" in metrics[-1]
+    if ALGOS[algo].overrides[0] != "critic.kind=none":
+        assert "critic/explained_var" in metrics[-1]
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert set(evals) >= {"before", "after", "history"} and "accuracy" in evals["after"]["eval"]
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert "| eval | accuracy |" in (run_dir / "summary.md").read_text()
+    assert (run_dir / "latest").read_text().strip() == "step_000002"
+    assert "accuracy" in capsys.readouterr().out
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    final = run_dir / "checkpoints" / (run_dir / "latest").read_text().strip()
+    tensors = {f"policy.{k}": v for k, v in load_file(final / "policy" / "model.safetensors").items()}
+    tensors.update({f"modules.{k}": v for k, v in load_file(final / "modules.safetensors").items()})
+    optim = torch.load(final / "optimizers.pt", weights_only=True)
+    for group in ("actor", "critic"):
+        for index, state in optim.get(group, {"state": {}})["state"].items():
+            for key, value in state.items():
+                tensors[f"{group}.{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _comparable(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith(("perf/", "eval/"))} for m in metrics]
+
+
+@pytest.mark.parametrize("train_limit", [4, 6], ids=["resume-at-epoch-boundary", "resume-mid-epoch"])
+def test_resume_is_exact(train_limit, tmp_path):
+    """steps=4 straight equals steps=2 then steps=4 resume=auto: metrics, weights and optimizer states."""
+    common = [*SMALL, "algo=dfpo", f"train_limit={train_limit}", "actor.epochs=2", "actor.minibatches=2",
+              "noise=flip(0.3)"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", "steps=4", f"run_dir={straight}", *common]) == 0
+    assert main(["train", "steps=2", f"run_dir={resumed}", *common]) == 0
+    assert main(["train", "steps=4", "resume=auto", f"run_dir={resumed}", *common]) == 0
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    if train_limit == 4:
+        assert [m["data/epoch"] for m in a] == [0, 1, 1, 2]  # the resume at step 2 falls on an epoch boundary
+    assert _comparable(a) == _comparable(b)
+    sa, sb = _state(straight), _state(resumed)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    params = {}
+    for micro in (0, 1):
+        run_dir = tmp_path / f"micro{micro}"
+        assert main(["train", "algo=ppo", "steps=1", "critic.warmup_steps=0", f"actor.micro_batch={micro}",
+                     f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s]]) == 0  # fmt: skip
+        params[micro] = _state(run_dir)
+    for key in params[0]:
+        if key.startswith(("policy.", "modules.")):
+            torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "nan"
+    config = build_config([*SMALL, "algo=grpo", "steps=5", "max_bad_steps=2", "checkpoint.every=1",
+                           f"run_dir={run_dir}"])  # fmt: skip
+    trainer = Trainer(config)
+    real = trainer._actor_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return (loss * float("nan") if trainer.step >= 2 else loss), metrics
+
+    monkeypatch.setattr(trainer, "_actor_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"2 steps in a row.*last good checkpoint"):
+        trainer.run()
+    assert (run_dir / "latest").read_text().strip() == "step_000001"  # no checkpoint after a skipped step
+    metrics = _metrics(run_dir)
+    assert [m["train/skipped_update"] for m in metrics] == [0.0, 1.0, 1.0]
+    good, after_skip = _state(run_dir), trainer.policy.state_dict()
+    # the skipped steps left the policy as the last good step made it
+    assert all(torch.equal(good[f"policy.{k}"], v) for k, v in after_skip.items() if f"policy.{k}" in good)
+    assert "update skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["algo=grpo", "rollout.samples=1"], "rollout.samples=1: grpo compares the responses to one prompt"),
+        (["algo=rloo", "rollout.samples=1"], "needs rollout.samples >= 2"),
+        (["critic.samples=1"], "a flow critic needs K >= 2"),
+        (["algo=nope"], "algo='nope': valid values are dfpo, ppo"),
+        (["critic.kind=bogus"], "critic.kind='bogus': valid values are none, scalar"),
+        (["critic.lr=fast"], "critic.lr='fast': expected float"),
+        (["critic.nope=1"], "unknown key 'critic.nope'; valid keys: critic.kind"),
+        (["colour=red"], "unknown key 'colour'"),
+        (["critic=1"], "'critic' is a group of keys"),
+        (["actor.minibatches=3"], "actor.minibatches=3 must divide the 64 sequences"),
+        (["algo=ppo", "advantage.estimator=grpo"], "critic.kind=scalar needs advantage.estimator=gae"),
+        (["algo=grpo", "advantage.estimator=gae"], "needs a critic giving values"),
+        (["noise=flip(2)", "steps=1"], "flip(p) needs 0 <= p <= 1"),
+        (["task=dialogue", "noise=flip(0.1)"], "needs binary right/wrong rewards"),
+        (["noise=reward_model"], "use it with task=dialogue"),
+        (["kl.mode=sometimes"], "kl.mode='sometimes': valid values are reward, loss, none"),
+    ],
+)
+def test_refused_configs_name_the_key(args, message, tmp_path, capsys):
+    assert main(["train", f"run_dir={tmp_path / 'r'}", "log.progress=false", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "latest").exists()
+
+
+def test_yaml_config_precedence_and_errors(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("algo: ppo\nsteps: 7\ncritic:\n  lr: 0.01\ntask_options:\n  digits: 1\n")
+    config = build_config(["steps=9"], str(config_file))
+    assert (config.algo, config.steps, config.critic.lr, config.critic.kind) == ("ppo", 9, 0.01, "scalar")
+    assert config.task_options == {"prompt_style": "terse", "digits": 1}
+    smollm2 = build_config([], "smollm2")  # a shipped config, by name
+    assert smollm2.model == "smollm2"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("critic:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config([], str(bad))
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file (shipped configs: " in capsys.readouterr().err
+
+
+def test_a_run_dir_is_never_overwritten_and_resume_checks_the_config(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", "algo=grpo", "steps=1", f"run_dir={run_dir}", *SMALL]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a run: continue it with resume=auto" in capsys.readouterr().err
+    assert main([*args, "resume=auto", "actor.lr=0.1"]) == 2
+    assert "the config differs from the run's in actor.lr" in capsys.readouterr().err
+    assert main([*args[:2], "steps=2", *args[3:], "resume=auto"]) == 0
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2]
+
+
+def test_eval_and_list_commands_know_runs_and_algorithms(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "algo=rloo", "steps=1", f"run_dir={run_dir}", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "limit=4", "task_options.prompt_style=terse"]) == 0
+    assert "accuracy=" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ALGOS) and "pseudo_label(n)" in listing and "smollm2" in listing
+
+
+def test_data_order_covers_each_epoch_once():
+    order = DataOrder(5, seed=3)
+    first, second = order.take(3) + order.take(2), order.take(5)
+    assert sorted(first) == sorted(second) == list(range(5))
+    assert first != second and order.state() == {"epoch": 2, "position": 0}
+
+
+def test_smollm2_one_step_smoke(tmp_path):
+    """The shipped SmolLM2 config, one short step with the actor and the critic both learning."""
+    run_dir = tmp_path / "smollm2"
+    args = ["train", "--config", "smollm2", "steps=1", "rollout.prompts=1", "rollout.samples=2",
+            "rollout.max_new_tokens=8", "eval.limit=2", "task_options.few_shot=1", "critic.warmup_steps=0",
+            f"run_dir={run_dir}", "log.progress=false"]  # fmt: skip
+    assert main(args) == 0
+    (metrics,) = _metrics(run_dir)
+    assert metrics["actor/active"] == 1.0 and metrics["train/skipped_update"] == 0.0
+    assert metrics["critic/grad_norm"] > 0.0 and metrics["actor/grad_norm"] > 0.0
+    config = json.loads((run_dir / "train_config.json").read_text())["config"]
+    assert config["model"] == "smollm2" and config["critic"]["backbone"] == "frozen"
