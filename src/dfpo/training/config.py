@@ -28,7 +28,7 @@ class RolloutOptions:
     prompts: int = option(16, "prompts per step")
     samples: int = option(4, "responses sampled per prompt (the group of group-relative estimators)")
     max_new_tokens: int = option(64, "response length limit; a response cut here has no end token")
-    temperature: float = option(1.0, "sampling temperature (log-probs are those of the tempered distribution)")
+    temperature: float = option(0.7, "sampling temperature (log-probs are those of the tempered distribution)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     mask_truncated: bool = option(False, "give responses cut at max_new_tokens no weight in any loss")
     batch_size: int = option(64, "sequences per generate call and per no-grad scoring forward")
@@ -38,7 +38,7 @@ class RolloutOptions:
 class ActorOptions:
     loss: str = option("ppo_clip", "policy loss from dfpo.core.policy_losses (ppo_clip, flowrl)")
     loss_options: dict = option({}, "extra keyword options of the policy loss, e.g. actor.loss_options.beta=15")
-    lr: float = option(2e-4, "peak AdamW learning rate of the policy")
+    lr: float = option(3e-5, "peak AdamW learning rate of the policy")
     weight_decay: float = option(0.0, "AdamW weight decay of the policy")
     warmup_steps: int = option(0, "linear learning-rate warm-up steps (counted from the first actor update)")
     schedule: str = option("constant", "learning-rate schedule after warm-up: constant, linear (to 0) or cosine")
@@ -56,7 +56,7 @@ class ActorOptions:
 class CriticOptions:
     kind: str = option("flow", "none, scalar (PPO), ensemble (robust PPO), quantile (DVPO) or flow (DFPO)")
     backbone: str = option(
-        "separate", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
+        "frozen", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
     )
     lr: float = option(1e-3, "peak AdamW learning rate of the critic (its head; its trunk too when separate)")
     trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as critic.lr)")
@@ -64,8 +64,8 @@ class CriticOptions:
     coef: float = option(0.5, "weight of the critic loss when it shares the policy's trunk")
     grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
     value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
-    samples: int = option(32, "K return samples per token of the flow critic")
-    width: int = option(128, "hidden width of the critic head")
+    samples: int = option(16, "K return samples per token of the flow critic")
+    width: int = option(64, "hidden width of the critic head")
     heads: int = option(3, "heads of a quantile critic, members of an ensemble critic")
     quantiles: int = option(200, "M quantiles per head of a quantile critic")
     return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
@@ -91,9 +91,9 @@ class AdvantageOptions:
 @dataclass(frozen=True)
 class EvalOptions:
     every: int = option(0, "held-out evaluation every this many steps (0: only before and after training)")
-    limit: int = option(128, "examples per evaluated split")
+    limit: int = option(256, "examples per evaluated split")
     splits: str = option("eval", "comma-separated splits of the task to evaluate")
-    samples: int = option(0, "k > 0 adds mean@k and maj@k (sampled at the rollout temperature)")
+    samples: int = option(4, "k > 0 adds mean@k and maj@k (sampled at the rollout temperature; 0: greedy only)")
     max_new_tokens: int = option(0, "generation length (0: rollout.max_new_tokens)")
 
 
@@ -118,10 +118,12 @@ class TrainConfig:
     algo: str = option("dfpo", "algorithm preset (dfpo list shows them); its settings come before yours")
     model: str = option("tiny", "'tiny', 'smollm2' or a Hugging Face causal-LM folder")
     task: str = option("arithmetic", "registered task (dfpo list shows them)")
-    task_options: dict = option({"prompt_style": "terse"}, "keyword options of the task: task_options.<name>=value")
+    task_options: dict = option(
+        {}, "keyword options of the task: task_options.<name>=value (tiny + arithmetic: prompt_style=terse)"
+    )
     train_limit: int = option(0, "use only the first N training examples (0: the task's whole train split)")
     noise: str = option("flip(0.2)", "noise on the training reward: clean, flip(p), gaussian(s), pseudo_label(n), ...")
-    steps: int = option(60, "training steps (one rollout batch each)")
+    steps: int = option(120, "training steps (one rollout batch each)")
     seed: int = option(0, "seed of everything: data order, sampling, noise, initialisation")
     run_dir: str = option("runs/{algo}-{task}-seed{seed}", "output folder; {algo}, {task}, {seed} are filled in")
     resume: str = option("", "'auto' continues from run_dir's latest checkpoint; or a checkpoint folder")

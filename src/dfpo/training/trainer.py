@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -46,6 +47,7 @@ from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import load_model
 from dfpo.rollout import prompt_features, response_forward, sample, trunk_hidden
 from dfpo.tasks.noise import PseudoLabel, make_noise
+from dfpo.tasks.presets import task_options_for
 from dfpo.training import checkpoint as ckpt
 from dfpo.training.config import TrainConfig, changed_keys
 from dfpo.training.report import MetricsLog, write_report
@@ -94,6 +96,12 @@ def _schedule(kind: str, warmup: int, total: int):
     return factor
 
 
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for r in records for k in r}
     return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
@@ -122,7 +130,7 @@ class Trainer:
         import dfpo.tasks as tasks
 
         try:
-            self.task = tasks.get(c.task, **c.task_options)
+            self.task = tasks.get(c.task, **task_options_for(c.model, c.task, c.task_options))
             self.train = self.task.examples("train", c.train_limit or None)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"task {c.task!r} with task_options {c.task_options}: {error}") from None
@@ -251,8 +259,11 @@ class Trainer:
         evals = json.loads(eval_path.read_text()) if self.resume_from and eval_path.exists() else {}
         if self.resume_from is None:
             record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed}
-            (self.run_dir / "train_config.json").write_text(json.dumps(record, indent=1) + "\n")
-            evals = {"before": self.evaluate(), "history": []}
+            _write_json(self.run_dir / "train_config.json", record)
+            evals = {"before": self.evaluate()}
+        # a resumed run forgets evaluations made after its checkpoint, as metrics.jsonl does
+        evals["history"] = [h for h in evals.get("history", []) if h["step"] <= self.step]
+        _write_json(eval_path, evals)
         start = time.perf_counter()
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.log.progress, file=sys.stderr, desc=c.algo,
                    dynamic_ncols=True)  # fmt: skip
@@ -262,6 +273,7 @@ class Trainer:
             if (c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps:
                 result = self.evaluate()
                 evals["history"].append({"step": self.step, **result})
+                _write_json(eval_path, evals)
                 metrics.update({f"eval/{s}/{k}": v for s, r in result.items() for k, v in r.items()})
             self.log.write(metrics)
             bar.update(1)
@@ -284,12 +296,10 @@ class Trainer:
             if due and not self.bad_steps:  # a checkpoint is only ever written after a good step
                 self.save()
         bar.close()
-        evals["after"] = evals["history"][-1] if evals.get("history") else self.evaluate()
-        evals["after"] = {k: v for k, v in evals["after"].items() if k != "step"}
+        last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
+        evals["after"] = {k: v for k, v in last.items() if k != "step"}
         evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
-        tmp = eval_path.with_name(".eval.json.tmp")
-        tmp.write_text(json.dumps(evals, indent=1) + "\n")
-        tmp.replace(eval_path)
+        _write_json(eval_path, evals)
         self.log.close()
         write_report(self.run_dir, c, evals)
         return evals
