@@ -201,11 +201,21 @@ def run_list(argv: list[str], command: str) -> None:
     print("configs (dfpo train --config NAME):\n  " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))
 
 
+def run_bench(argv: list[str], command: str) -> dict[str, Any]:
+    """``dfpo bench throughput [key=value ...]``: per-phase step time, tokens per second and MFU per algorithm."""
+    from dfpo.bench import ThroughputConfig, run_throughput
+
+    if not argv or argv[0] != "throughput":
+        raise ConfigError("usage: dfpo bench throughput [key=value ...] (dfpo bench throughput --help lists the keys)")
+    return run_throughput(apply_overrides(ThroughputConfig(), argv[1:]), command)
+
+
 VERBS = {
     "sft": (SFTConfig, run_sft),
     "eval": (EvalConfig, run_eval),
     "train": (None, run_train),
     "list": (None, run_list),
+    "bench": (None, run_bench),
 }
 
 
@@ -220,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from dfpo.training.config import TrainConfig
 
         config_type = TrainConfig
+    elif argv[0] == "bench":
+        from dfpo.bench import ThroughputConfig
+
+        config_type = ThroughputConfig
     if "--help" in argv or "-h" in argv:
         if config_type is not None:
             print(f"{config_type.__doc__}\n\nkeys:\n{describe(config_type)}")
@@ -231,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [f"model={overrides[0]}", *overrides[1:]]  # dfpo eval MODEL_OR_RUN key=value ...
     command = " ".join(["dfpo", *argv])
     try:
-        if argv[0] in ("train", "list"):
+        if argv[0] in ("train", "list", "bench"):
             run(overrides, command)
         else:
             run(apply_overrides(config_type(), overrides), command)
