@@ -38,7 +38,8 @@ PRESETS: dict[str, Preset] = {
     "smollm2-arithmetic": Preset(
         "smollm2",
         "arithmetic",
-        {"min_terms": 2, "max_terms": 2, "digits": 2, "operators": "+", "few_shot": 3},
+        # 9,500 distinct 2-term 2-digit additions exist: a 5,000-problem train split
+        {"min_terms": 2, "max_terms": 2, "digits": 2, "operators": "+", "few_shot": 3, "train_size": 5000},
         max_new_tokens=48,
         about="SmolLM2-135M-Instruct on 2-digit additions, three worked examples in the prompt",
     ),
