@@ -128,19 +128,29 @@ def response_forward(
     Logits are divided by the sampling ``temperature`` so that the log-probs are those of the distribution the
     tokens were drawn from. Values at masked (padding) positions are meaningless: mask them downstream.
     """
+    # Only the last R + 1 positions' logits are needed: computing the output layer at the prompt positions would
+    # cost a vocabulary-sized matrix product and an [N, P, V] tensor for nothing.
+    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(model) else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         output_hidden_states=hidden_states,
+        **keep,
     )
     prompt_length = input_ids.shape[1] - response_length
     # position P + t - 1 predicts response token t, and holds the state before it
     before = slice(prompt_length - 1, input_ids.shape[1] - 1)
-    logits = out.logits[:, before].float() / temperature
+    logits = out.logits[:, -(response_length + 1) : -1].float() / temperature
     targets = input_ids[:, prompt_length:]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logprobs, out.hidden_states[-1][:, before] if hidden_states else None
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def response_logprobs(
