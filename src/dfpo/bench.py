@@ -84,11 +84,9 @@ def measure_algo(config: ThroughputConfig, algo: str, peak: float) -> dict[str, 
     flops = {}
     for phase in ("generate", "score", "update"):
         seconds = statistics.median(r[f"perf/{phase}_s"] for r in records)
+        # tokens the phase processed (for the update: counted once per PPO epoch, as the trainer logs them)
         tokens = statistics.median(r[f"perf/{phase}_tokens_per_s"] * r[f"perf/{phase}_s"] for r in records)
-        if phase == "update":
-            tokens /= trainer.config.actor.epochs
         per_token = {"generate": 2, "score": 2 * scored_models, "update": 6 * trained_models}[phase]
-        per_token *= trainer.config.actor.epochs if phase == "update" else 1
         flops[phase] = per_token * params * tokens
         out[f"{phase}_s"] = seconds
         out[f"{phase}_tokens_per_s"] = tokens / seconds

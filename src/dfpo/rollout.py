@@ -14,6 +14,8 @@ mask, as ``generate`` does, so a left-padded sequence is scored exactly as it wo
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +132,7 @@ def response_forward(
     """
     # Only the last R + 1 positions' logits are needed: computing the output layer at the prompt positions would
     # cost a vocabulary-sized matrix product and an [N, P, V] tensor for nothing.
-    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(model) else {}
+    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(model)) else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -147,10 +149,10 @@ def response_forward(
     return logprobs, out.hidden_states[-1][:, before] if hidden_states else None
 
 
-def _takes_logits_to_keep(model: Any) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    # once per model class, not on every forward
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def response_logprobs(
