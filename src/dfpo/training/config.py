@@ -20,6 +20,7 @@ CRITIC_KINDS = ("none", "scalar", "ensemble", "quantile", "flow")
 BACKBONES = ("separate", "shared", "frozen")
 KL_MODES = ("reward", "loss", "none")
 SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -45,6 +46,12 @@ class ActorOptions:
     epochs: int = option(1, "PPO epochs over each step's rollouts")
     minibatches: int = option(1, "optimizer steps per epoch; the step's sequences are split evenly")
     micro_batch: int = option(0, "sequences per forward/backward; gradients accumulate over a minibatch (0: all)")
+    checkpoint_prompts: int = option(
+        0,
+        "k > 0: activation checkpointing: keep only the inputs of the policy's forward and recompute it during the "
+        "backward, the rows of k prompts at a time (activation memory of k prompts' rows instead of the whole "
+        "batch, for one more forward pass); 0: keep every activation",
+    )
     clip_low: float = option(0.2, "PPO ratio clip below 1")
     clip_high: float = option(0.2, "PPO ratio clip above 1")
     aggregation: str = option("token-mean", "loss reduction over tokens (dfpo.core.masked.AGGREGATIONS)")
@@ -129,6 +136,11 @@ class TrainConfig:
     resume: str = option("", "'auto' continues from run_dir's latest checkpoint; or a checkpoint folder")
     max_bad_steps: int = option(3, "stop after this many steps in a row with a NaN/inf loss or gradient")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
+    precision: str = option(
+        "fp32",
+        "fp32, or bf16: sampling from a bf16 copy of the policy and model forwards under bf16 autocast (weights, "
+        "gradients and optimizer stay fp32); docs/performance.md measures its speed and its effect on learning",
+    )
     rollout: RolloutOptions = option(RolloutOptions(), "sampling")
     actor: ActorOptions = option(ActorOptions(), "policy update")
     critic: CriticOptions = option(CriticOptions(), "critic")
@@ -192,6 +204,7 @@ def validate(c: TrainConfig) -> None:
     _one_of("kl.mode", c.kl.mode, KL_MODES)
     _one_of("kl.estimator", c.kl.estimator, ESTIMATORS)
     _one_of("actor.schedule", c.actor.schedule, SCHEDULES)
+    _one_of("precision", c.precision, PRECISIONS)
     _one_of("actor.aggregation", c.actor.aggregation, AGGREGATIONS)
     _one_of("actor.loss", c.actor.loss, policy_losses.names())
     _one_of("advantage.estimator", c.advantage.estimator, advantages.names())
@@ -201,6 +214,8 @@ def validate(c: TrainConfig) -> None:
         "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
         "eval.limit": c.eval.limit,
     }  # fmt: skip
+    if c.actor.checkpoint_prompts < 0:
+        raise ConfigError(f"actor.checkpoint_prompts={c.actor.checkpoint_prompts}: must be 0 (off) or at least 1")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be at least 1")

@@ -14,6 +14,12 @@ One step, top to bottom (:meth:`Trainer.train_step`):
    micro-batches; the critic learns on the same minibatches, alone during its warm-up steps;
 7. log, evaluate now and then, checkpoint.
 
+With one epoch of one minibatch without micro-batches (the default), the policy is unchanged between steps 3 and
+6, so its forward pass runs once, with gradients: its detached log-probs are the rollout policy's (the ratio is
+exactly 1, as in a separate pass) and its detached hidden states feed the critic. With ``precision=bf16`` the
+rollouts come from a bf16 copy of the policy, refreshed after every update, and the model forwards run under bf16
+autocast; the weights, their gradients and the optimizer states stay fp32.
+
 The critic backbone is ``separate`` (its own copy of the LM, initialised from the starting policy: the most
 capacity and twice the compute and memory), ``shared`` (heads on the policy's trunk, the critic's loss flows into
 it: cheapest, but value and policy gradients interfere) or ``frozen`` (heads on the policy's detached features:
@@ -22,6 +28,8 @@ cheap and no interference, but the features are not trained for values).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -35,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as transformers_logging
 
 from dfpo.config import ConfigError
@@ -45,7 +54,7 @@ from dfpo.core.masked import masked_mean, masked_whiten
 from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import load_model
-from dfpo.rollout import prompt_features, response_forward, sample, trunk_hidden
+from dfpo.rollout import forward_positions, prompt_features, prompt_groups, response_forward, sample, trunk_hidden
 from dfpo.tasks.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.training import checkpoint as ckpt
@@ -174,8 +183,29 @@ class Trainer:
             self.pseudo_labels = state.get("pseudo_labels", {})
         self.log = MetricsLog(self.run_dir, c.log, truncate_after=self.step if state else 0)
         self._last_samples: list[dict[str, Any]] = []
+        # a bf16 copy of the policy samples the rollouts (refreshed after every update)
+        self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if self.bf16 else None
+        batch = c.rollout.prompts * c.rollout.samples
+        self.fused = c.actor.epochs == 1 and c.actor.minibatches == 1 and c.actor.micro_batch in (0, batch)
+        self._policy_out: tuple[Tensor, Tensor | None] | None = None
 
     # -- construction ----------------------------------------------------------------------------------------
+
+    @property
+    def bf16(self) -> bool:
+        return self.config.precision == "bf16"
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around model forwards with ``precision=bf16``; nothing otherwise."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.policy.parameters()).device.type, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def _refresh_rollout_policy(self) -> None:
+        if self.rollout_policy is not None:
+            for low, full in zip(self.rollout_policy.parameters(), self.policy.parameters(), strict=True):
+                low.copy_(full)
 
     def _find_resume(self) -> Path | None:
         if not self.config.resume:
@@ -327,8 +357,8 @@ class Trainer:
             examples = self._pseudo_label(examples)
         prompts = [render_prompt(self.tokenizer, self.task.messages(e)) for e in examples]
         self.policy.eval()
-        rollout = sample(self.policy, self.tokenizer, prompts, c.rollout.samples, c.rollout.max_new_tokens,
-                         c.rollout.temperature, c.rollout.top_p)  # fmt: skip
+        rollout = sample(self.rollout_policy or self.policy, self.tokenizer, prompts, c.rollout.samples,
+                         c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p)  # fmt: skip
         times["generate"] = time.perf_counter() - t
 
         # rewards: the learner sees the observed one; the true one is logged beside it
@@ -347,6 +377,9 @@ class Trainer:
         # score the rollout without gradients
         t = time.perf_counter()
         ids, attn, width = rollout.input_ids, rollout.attention_mask, mask.shape[1]
+        if self.fused:  # the update's forward, run now: its detached outputs are the rollout policy's
+            self.policy.train()
+            self._policy_out = self._policy_forward(ids, attn, width, self._policy_needs_grad())
         batch = self._score_rollout(ids, attn, width, rollout.prompt_length)
         times["score"] = time.perf_counter() - t
 
@@ -378,6 +411,8 @@ class Trainer:
 
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width)
+        self._policy_out = None
+        self._refresh_rollout_policy()
         times["update"] = time.perf_counter() - t
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(update_metrics)
@@ -400,6 +435,7 @@ class Trainer:
             "perf/generate_tokens_per_s": float(lengths.sum()) / max(times["generate"], 1e-9),
             "perf/score_tokens_per_s": tokens / max(times["score"], 1e-9),
             "perf/update_tokens_per_s": tokens * c.actor.epochs / max(times["update"], 1e-9),
+            "perf/forward_positions": float(forward_positions(ids, attn, width)),
             "perf/step_s": sum(times.values()),
             **{f"perf/{k}_s": v for k, v in times.items()},
         })  # fmt: skip
@@ -433,26 +469,59 @@ class Trainer:
                 }  # fmt: skip
         return [{**e, "pseudo_answer": self.pseudo_labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
 
+    @property
+    def _critic_on_policy(self) -> bool:
+        return self.critic is not None and self.config.critic.backbone != "separate"
+
+    def _policy_needs_grad(self) -> bool:
+        actor_active = self.critic is None or self.step > self.config.critic.warmup_steps
+        return actor_active or (self.critic is not None and self.config.critic.backbone == "shared")
+
+    def _policy_forward(self, ids: Tensor, attn: Tensor, width: int, grad: bool) -> tuple[Tensor, Tensor | None]:
+        """The policy's response log-probs ``[N, R]`` (and hidden states ``[N, R, H]`` for a critic on its trunk);
+        with ``actor.checkpoint_prompts = k``, run ``k`` prompts' rows at a time, recomputed during the backward."""
+        c = self.config
+
+        def forward(i: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None]:
+            return response_forward(self.policy, i, a, width, c.rollout.temperature, self._critic_on_policy)
+
+        with torch.set_grad_enabled(grad), self._precision():
+            if not (grad and c.actor.checkpoint_prompts):
+                return forward(ids, attn)
+            per = prompt_groups(ids, attn, width)
+            k = c.actor.checkpoint_prompts
+            groups = [torch.cat(per[j : j + k]) for j in range(0, len(per), k)]
+            outs = [checkpoint(forward, ids[g], attn[g], use_reentrant=False) for g in groups]
+        back = torch.empty(len(ids), dtype=torch.long)
+        back[torch.cat(groups)] = torch.arange(len(ids))  # rows back in their order
+        logp = torch.cat([o[0] for o in outs])[back]
+        return logp, torch.cat([o[1] for o in outs])[back] if self._critic_on_policy else None
+
     @torch.no_grad()
     def _score_rollout(self, ids: Tensor, attn: Tensor, width: int, prompt_length: int) -> dict[str, Tensor]:
         c = self.config
-        critic_on_policy = self.critic is not None and c.critic.backbone != "separate"
         parts: dict[str, list[Tensor]] = {}
         for rows in torch.arange(ids.shape[0]).split(c.rollout.batch_size):
             i, a = ids[rows], attn[rows]
-            logp, hidden = response_forward(self.policy, i, a, width, c.rollout.temperature, critic_on_policy)
+            with self._precision():
+                if self._policy_out is None:
+                    logp, hidden = response_forward(self.policy, i, a, width, c.rollout.temperature,
+                                                    self._critic_on_policy)  # fmt: skip
+                else:
+                    logp, hidden = (None if x is None else x[rows].detach() for x in self._policy_out)
+                if self.ref is not None:
+                    parts.setdefault("ref_logp", []).append(
+                        response_forward(self.ref, i, a, width, c.rollout.temperature)[0]
+                    )
+                if self.trunk is not None:
+                    hidden = trunk_hidden(self.trunk, i, a, width)
+                if self.log_z is not None:
+                    features = prompt_features(self.policy, i, a, prompt_length)
+                    parts.setdefault("prompt_features", []).append(features.float())
             parts.setdefault("old_logp", []).append(logp)
-            if self.ref is not None:
-                parts.setdefault("ref_logp", []).append(
-                    response_forward(self.ref, i, a, width, c.rollout.temperature)[0]
-                )
-            if self.trunk is not None:
-                hidden = trunk_hidden(self.trunk, i, a, width)
             if self.critic is not None:
-                for key, value in self._critic_outputs(hidden).items():
+                for key, value in self._critic_outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
-            if self.log_z is not None:
-                parts.setdefault("prompt_features", []).append(prompt_features(self.policy, i, a, prompt_length))
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def _critic_outputs(self, hidden: Tensor) -> dict[str, Tensor]:
@@ -480,6 +549,9 @@ class Trainer:
         self.policy.train()
         for _ in range(c.actor.epochs):
             for rows in torch.randperm(n).split(size):
+                # in row order, micro-batches hold the answers to one prompt together (it then runs once); the
+                # minibatch's gradient is the same whatever its micro-batches
+                rows = rows.sort().values
                 record, ok = self._minibatch(batch, rows, micro, width, actor_active)
                 records.append(record)
                 skipped |= not ok
@@ -542,29 +614,30 @@ class Trainer:
         accumulated over micro-batches equal the gradient of the whole minibatch's loss."""
         c = self.config
         ids, attn, mask = batch["ids"][part], batch["attn"][part], batch["mask"][part]
-        critic_on_policy = self.critic is not None and c.critic.backbone != "separate"
-        policy_grad = actor_active or (self.critic is not None and c.critic.backbone == "shared")
+        policy_grad = self._policy_needs_grad()
         loss = torch.zeros(())
         record: dict[str, float] = {}
         hidden = None
-        if policy_grad or critic_on_policy:
-            with torch.set_grad_enabled(policy_grad):
-                logp, hidden = response_forward(self.policy, ids, attn, width, c.rollout.temperature, critic_on_policy)
-            if actor_active:
-                actor_loss, m = self._actor_loss(batch, part, logp, mask)
-                frac = token_frac if c.actor.aggregation == "token-mean" else seq_frac
-                loss = loss + actor_loss * frac
-                record.update(m)
-                if c.kl.mode == "loss":
-                    kl = masked_mean(kl_estimate(logp, batch["ref_logp"][part], c.kl.estimator), mask)
-                    loss = loss + c.kl.coef * kl * token_frac
-                    record["actor/kl_loss"] = float(kl.detach())
+        if self._policy_out is not None:  # the forward already ran, with gradients, while scoring
+            logp, hidden = (None if x is None else x[part] for x in self._policy_out)
+        elif policy_grad or self._critic_on_policy:
+            logp, hidden = self._policy_forward(ids, attn, width, policy_grad)
+        if actor_active:  # (then the policy forward ran, with gradients)
+            actor_loss, m = self._actor_loss(batch, part, logp, mask)
+            frac = token_frac if c.actor.aggregation == "token-mean" else seq_frac
+            loss = loss + actor_loss * frac
+            record.update(m)
+            if c.kl.mode == "loss":
+                kl = masked_mean(kl_estimate(logp, batch["ref_logp"][part], c.kl.estimator), mask)
+                loss = loss + c.kl.coef * kl * token_frac
+                record["actor/kl_loss"] = float(kl.detach())
         if self.critic is not None:
             if self.trunk is not None:
-                hidden = trunk_hidden(self.trunk, ids, attn, width)
+                with self._precision():
+                    hidden = trunk_hidden(self.trunk, ids, attn, width)
             elif c.critic.backbone == "frozen":
                 hidden = hidden.detach()
-            critic_loss, m = self._critic_loss(hidden, batch, part, mask)
+            critic_loss, m = self._critic_loss(hidden.float(), batch, part, mask)
             weight = c.critic.coef if c.critic.backbone == "shared" else 1.0
             loss = loss + weight * critic_loss * token_frac
             record.update(m)
