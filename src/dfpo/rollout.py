@@ -99,8 +99,10 @@ def generate_batch(
         if temperature > 0
         else {"do_sample": False}
     )
-    out = model.generate(**batch, past_key_values=cache, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
+    # past_key_values only when there is one: an explicit None made generate about 17% slower (tiny model)
+    prefilled = {} if cache is None else {"past_key_values": cache}
+    out = model.generate(**batch, **prefilled, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         **sampling)  # fmt: skip
     responses = out[:, batch["input_ids"].shape[1] :]
     mask = response_mask(responses, tokenizer.eos_token_id)
     ended = (responses == tokenizer.eos_token_id).any(-1)
