@@ -171,17 +171,15 @@ def _tail_forward(
     prefix = input_ids.shape[1] - response_length - 1  # tokens before the tail
     positions = position_ids(attention_mask)
     keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(model)) else {}
-    cache = None
     shared = _shared_prefixes(input_ids, attention_mask, prefix)
-    if shared is not None:
+    if shared is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=hidden_states, **keep)  # fmt: skip
+    else:
         ids, mask, row_of = shared
         cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
                       **({"logits_to_keep": 1} if keep else {})).past_key_values  # fmt: skip
         cache.batch_select_indices(row_of)
-    if cache is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    output_hidden_states=hidden_states, **keep)  # fmt: skip
-    else:
         out = model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=positions[:, prefix:],
                     past_key_values=cache, use_cache=True, output_hidden_states=hidden_states)  # fmt: skip
     tail = slice(-(response_length + 1), None)
@@ -197,18 +195,22 @@ def _shared_prefixes(input_ids: Tensor, attention_mask: Tensor, prefix: int) -> 
     more than it saves (measured on the tiny model, whose prompts are shorter than its answers)."""
     if prefix < max(1, input_ids.shape[1] - prefix):
         return None
-    rows = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)], dim=1)
-    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
-    if len(distinct) == len(rows):
+    distinct, row_of = _distinct_prefixes(input_ids, attention_mask, prefix)
+    if len(distinct) == len(input_ids):
         return None
     return distinct[:, :prefix], distinct[:, prefix:], row_of
 
 
+def _distinct_prefixes(input_ids: Tensor, attention_mask: Tensor, prefix: int) -> tuple[Tensor, Tensor]:
+    """The distinct rows of the first ``prefix`` ids and mask, side by side ``[D, 2 x prefix]``, and the one each
+    row has ``[N]``."""
+    rows = torch.cat([input_ids[:, :prefix], attention_mask[:, :prefix].to(input_ids.dtype)], dim=1)
+    return torch.unique(rows, dim=0, return_inverse=True)
+
+
 def prompt_groups(input_ids: Tensor, attention_mask: Tensor, response_length: int) -> list[Tensor]:
     """Row indices of each distinct prompt (the first ``L - R`` tokens and their mask), in order of first row."""
-    prompt = input_ids.shape[1] - response_length
-    rows = torch.cat([input_ids[:, :prompt], attention_mask[:, :prompt].to(input_ids.dtype)], dim=1)
-    _, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    _, row_of = _distinct_prefixes(input_ids, attention_mask, input_ids.shape[1] - response_length)
     groups: dict[int, list[int]] = {}
     for row, key in enumerate(row_of.tolist()):
         groups.setdefault(key, []).append(row)
