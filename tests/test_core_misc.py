@@ -6,7 +6,7 @@ from conftest import right_padded_mask
 
 from dfpo.core.kl import kl_estimate, kl_metrics
 from dfpo.core.masked import aggregate_loss, explained_variance, masked_mean, masked_var, masked_whiten
-from dfpo.core.value_losses import clipped_mse, flow_matching, quantile_huber
+from dfpo.core.value_losses import clipped_mse, flow_matching, quantile_huber, quantile_huber_pairs
 
 
 def test_masked_stats_ignore_nan_on_padding(gen):
@@ -85,6 +85,25 @@ def test_quantile_huber_minimiser_is_the_quantile_for_small_kappa(gen):
         opt.step()
     taus = (torch.arange(5) + 0.5) / 5
     torch.testing.assert_close(q.detach()[0], torch.quantile(samples, taus), atol=0.03, rtol=0.0)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.3, 0.02])
+def test_quantile_huber_sorted_form_equals_all_pairs(gen, kappa):
+    """The prefix-sum form gives the same loss and gradient as the direct sum over every (quantile, target) pair,
+    with targets tied, far outliers beyond kappa on both sides, several heads and a mask."""
+    quantiles = (0.7 * torch.randn(5, 7, 3, 50, generator=gen)).requires_grad_()
+    targets = torch.randn(5, 7, 1, 40, generator=gen)
+    targets[..., :5] = targets[..., 5:10]
+    targets[0, 0, 0, 0], targets[1, 2, 0, 3] = 25.0, -30.0
+    quantiles.data[2, 2, 1, :4] = targets[2, 2, 0, :4]  # quantiles exactly on targets (u = 0)
+    mask = (torch.rand(5, 7, 1, generator=gen) > 0.3).float()
+    fast, metrics = quantile_huber(quantiles, targets, mask, kappa)
+    (fast_grad,) = torch.autograd.grad(fast, quantiles)
+    direct, _ = quantile_huber_pairs(quantiles, targets, mask, kappa)
+    (direct_grad,) = torch.autograd.grad(direct, quantiles)
+    torch.testing.assert_close(fast, direct, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast_grad, direct_grad, rtol=1e-4, atol=1e-9)
+    assert metrics["critic/quantile_loss"] == pytest.approx(float(direct.detach()), rel=1e-5)
 
 
 def test_flow_matching_weighting():

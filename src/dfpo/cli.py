@@ -201,14 +201,24 @@ def run_list(argv: list[str], command: str) -> None:
     print("configs (dfpo train --config NAME):\n  " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))
 
 
+def _benches() -> dict[str, tuple[type, Any]]:
+    from dfpo.bench import ThroughputConfig, run_throughput
+    from dfpo.noisy import NoisyConfig, run_noisy
+
+    return {"throughput": (ThroughputConfig, run_throughput), "noisy": (NoisyConfig, run_noisy)}
+
+
 def run_bench(argv: list[str], command: str) -> dict[str, Any]:
     """``dfpo bench throughput [key=value ...]``: per-phase step time, MFU and peak memory per algorithm, and TRL's
-    GRPOTrainer side by side (``algos=grpo,dfpo,trl``)."""
-    from dfpo.bench import ThroughputConfig, run_throughput
-
-    if not argv or argv[0] != "throughput":
-        raise ConfigError("usage: dfpo bench throughput [key=value ...] (dfpo bench throughput --help lists the keys)")
-    return run_throughput(apply_overrides(ThroughputConfig(), argv[1:]), command)
+    GRPOTrainer side by side (``algos=grpo,dfpo,trl``). ``dfpo bench noisy [key=value ...]``: the noisy-supervision
+    benchmark, algorithms x supervision x seeds trained per domain and evaluated in and out of domain."""
+    benches = _benches()
+    if not argv or argv[0] not in benches:
+        raise ConfigError(
+            "usage: dfpo bench {throughput,noisy} [key=value ...] (dfpo bench NAME --help lists the keys)"
+        )
+    config_type, run = benches[argv[0]]
+    return run(apply_overrides(config_type(), argv[1:]), command)
 
 
 VERBS = {
@@ -231,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         from dfpo.training.config import TrainConfig
 
         config_type = TrainConfig
-    elif argv[0] == "bench":
-        from dfpo.bench import ThroughputConfig
-
-        config_type = ThroughputConfig
+    elif argv[0] == "bench" and len(argv) > 1 and argv[1] in _benches():
+        config_type = _benches()[argv[1]][0]
     if "--help" in argv or "-h" in argv:
         if config_type is not None:
             print(f"{config_type.__doc__}\n\nkeys:\n{describe(config_type)}")
@@ -253,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dfpo {argv[0]}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dfpo {argv[0]}: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
         if not isinstance(error, _user_errors()):
             raise
@@ -264,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that name a problem with the user's input or environment and its fix: shown without a traceback."""
     from dfpo.assets import MissingAssetError
+    from dfpo.noisy import CellFailed
     from dfpo.tasks.user import DataError, RewardFunctionError
     from dfpo.training.checkpoint import CheckpointError
     from dfpo.training.trainer import TrainingDiverged
 
-    return MissingAssetError, DataError, RewardFunctionError, CheckpointError, TrainingDiverged
+    return MissingAssetError, DataError, RewardFunctionError, CheckpointError, TrainingDiverged, CellFailed
 
 
 if __name__ == "__main__":

@@ -49,14 +49,15 @@ def evaluate(
     limit: int | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    examples: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Greedy accuracy of ``model`` on ``task``'s ``split``.
+    """Greedy accuracy of ``model`` on ``task``'s ``split`` (or on ``examples`` of the task, when given).
 
     Returns ``accuracy``, ``n``, ``format_rate`` (share of completions with a marked final answer),
     ``truncated_rate``, ``verifier_errors`` (during this call), ``seconds``, and one sample completion, plus the
     task's :meth:`~dfpo.tasks.base.Task.extra_metrics` (e.g. dialogue's ``exact_match``).
     """
-    examples = task.examples(split, limit)
+    examples = task.examples(split, limit) if examples is None else examples
     prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples]
     errors_before, start = task.verifier_errors, time.perf_counter()
     completions, truncated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -52,11 +52,57 @@ def quantile_huber(
     loss whose minimiser is the exact quantile; with ``kappa`` large against the return spread the minimiser
     drifts towards an expectile, so scale returns (or ``kappa``) accordingly.
 
+    The sum over all pairs is computed exactly without forming the ``[..., M, K]`` pair tensor: with the targets
+    sorted, each quantile splits them into four runs (``u < -kappa``, ``-kappa <= u < 0``, ``0 <= u <= kappa``,
+    ``u > kappa``) on each of which the loss is a polynomial in the target, so prefix sums of ``t`` and ``t^2``
+    give it in ``O((M + K) log K)`` per position instead of ``O(M K)`` (DVPO's 200 x 200 pairs per head and token
+    otherwise dominate a step). The sums run in float64 around each position's target mean, so the polynomial
+    expansion loses no precision; :func:`quantile_huber_pairs` is the direct form.
+
     Args:
         quantiles: ``[..., M]`` predictions at levels ``taus`` (default midpoints), with grad.
-        targets: ``[..., K]`` target samples, no grad.
+        targets: ``[..., K]`` target samples (broadcastable to ``quantiles``' leading dims), no grad.
         mask: ``[...]``.
     """
+    if taus is None:
+        taus = quantile_levels(quantiles.shape[-1], quantiles.device, quantiles.dtype)
+    num_quantiles, num_targets = quantiles.shape[-1], targets.shape[-1]
+    lead = torch.broadcast_shapes(quantiles.shape[:-1], targets.shape[:-1])
+    t = targets.detach().to(torch.float64)
+    center = t.mean(-1, keepdim=True)
+    t = torch.sort(t - center, dim=-1).values.expand(*lead, num_targets).contiguous()
+    q = (quantiles.to(torch.float64) - center).expand(*lead, num_quantiles)
+    zero = torch.zeros((*lead, 1), dtype=torch.float64, device=t.device)
+    s1 = torch.cat([zero, t.cumsum(-1)], -1)  # s1[..., j] = sum of the j smallest targets
+    s2 = torch.cat([zero, (t * t).cumsum(-1)], -1)
+    qd = q.detach().contiguous()
+    below_far = torch.searchsorted(t, qd - kappa)  # targets with u < -kappa
+    below = torch.searchsorted(t, qd)  # u < 0
+    near = torch.searchsorted(t, qd + kappa, right=True)  # u <= kappa
+
+    def run(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """count, sum t and sum t^2 of the sorted targets lo..hi-1."""
+        return (hi - lo).to(torch.float64), s1.gather(-1, hi) - s1.gather(-1, lo), s2.gather(-1, hi) - s2.gather(-1, lo)
+
+    first = torch.zeros_like(below)
+    last = torch.full_like(below, num_targets)
+    n_a, sum_a, _ = run(first, below_far)
+    n_b, sum_b, sq_b = run(below_far, below)
+    n_c, sum_c, sq_c = run(below, near)
+    n_d, sum_d, _ = run(near, last)
+    tau = taus.to(torch.float64)
+    lower = kappa * (n_a * (q - 0.5 * kappa) - sum_a) + 0.5 * (sq_b - 2 * q * sum_b + n_b * q * q)
+    upper = 0.5 * (sq_c - 2 * q * sum_c + n_c * q * q) + kappa * (sum_d - n_d * (q + 0.5 * kappa))
+    pairs = (1.0 - tau) * lower + tau * upper  # [..., M]: each quantile's loss summed over the K targets
+    per_token = (pairs.sum(-1) / (kappa * num_quantiles * num_targets)).to(quantiles.dtype)
+    loss = masked_mean(per_token, mask)
+    return loss, {"critic/quantile_loss": float(loss.detach())}
+
+
+def quantile_huber_pairs(
+    quantiles: Tensor, targets: Tensor, mask: Tensor, kappa: float = 1.0, taus: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """:func:`quantile_huber` computed directly over the ``[..., M, K]`` pairs (memory and time ``O(M K)``)."""
     if taus is None:
         taus = quantile_levels(quantiles.shape[-1], quantiles.device, quantiles.dtype)
     u = targets.unsqueeze(-2) - quantiles.unsqueeze(-1)  # [..., M, K]

@@ -211,6 +211,7 @@ class ValueFlowCritic(nn.Module):
         cvar_weight: float = 1.0,
         gain_weight: float = 1.0,
         shape_weight: float = 0.0,
+        sample_steps: int = 1,
         shift_weight: float = 0.0,
         curvature_weight: float = 0.0,
         generator: torch.Generator | None = None,
@@ -232,6 +233,9 @@ class ValueFlowCritic(nn.Module):
         - ``L_geo``: ``endpoint``: one-step samples onto the stop-gradient ``consistency_steps``-step Euler
           solution from the same noise; ``velocity``: ``v`` along the one-step line equals ``v(eps, 0)``; ``none``.
         - ``L_risk``: :func:`dfpo.core.risk.risk_loss` of the sorted one-step samples against the targets.
+
+        The anchor, consistency and risk terms see the samples the critic gives at inference: one Euler step, or
+        ``sample_steps`` steps (an ablation; :meth:`sample` with the same ``steps``).
 
         Args:
             hidden: ``[..., H]`` critic hidden states, with grad.
@@ -258,7 +262,9 @@ class ValueFlowCritic(nn.Module):
 
         # One-step samples from midpoint noise, with grad: the critic's distribution as it is used.
         eps_mid = stratified_noise(shape, num_samples, self.noise_std, device=hidden.device, dtype=hidden.dtype)
-        one_step = eps_mid + self.velocity(eps_mid, 0.0, cond)
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        one_step = self._integrate(eps_mid, cond, sample_steps, "euler")
         sigma = one_step.detach().std(-1) * self.return_scale
         if uncertainty_weight == "valueflows":
             weight = torch.sigmoid(-uncertainty_c / sigma.clamp_min(1e-6)) + 0.5

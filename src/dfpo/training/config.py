@@ -72,6 +72,9 @@ class CriticOptions:
     grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
     value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
     samples: int = option(16, "K return samples per token of the flow critic")
+    sample_steps: int = option(
+        1, "Euler steps from noise to a return sample of the flow critic (1: DFPO's one step; more: an ablation)"
+    )
     width: int = option(64, "hidden width of the critic head")
     heads: int = option(3, "heads of a quantile critic, members of an ensemble critic")
     quantiles: int = option(200, "M quantiles per head of a quantile critic")
@@ -99,7 +102,7 @@ class AdvantageOptions:
 class EvalOptions:
     every: int = option(0, "held-out evaluation every this many steps (0: only before and after training)")
     limit: int = option(256, "examples per evaluated split")
-    splits: str = option("eval", "comma-separated splits of the task to evaluate")
+    splits: str = option("eval", "comma-separated splits of the task to evaluate (empty: no evaluation)")
     samples: int = option(4, "k > 0 adds mean@k and maj@k (sampled at the rollout temperature; 0: greedy only)")
     max_new_tokens: int = option(0, "generation length (0: rollout.max_new_tokens)")
 
@@ -247,6 +250,8 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
+    if c.critic.sample_steps < 1:
+        raise ConfigError(f"critic.sample_steps={c.critic.sample_steps}: must be at least 1 (one Euler step)")
     if c.critic.kind == "quantile" and c.critic.quantiles < 2:
         raise ConfigError(f"critic.quantiles={c.critic.quantiles}: a quantile critic needs at least 2")
     if c.critic.kind in ("ensemble", "quantile") and c.critic.heads < 1:

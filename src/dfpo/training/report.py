@@ -4,6 +4,9 @@ and the end-of-run ``summary.md`` and ``curves.png``.
 Metric names (all per step):
 
 - ``reward/observed``, ``reward/true`` (means over the step's samples), ``reward/noise_rate``,
+  ``reward/signal_share`` (the share of the observed reward's variance the true reward explains: the ceiling of
+  a critic's explained variance under state-independent noise), ``reward/prompt_share`` (the share that lies
+  between prompts: what knowing only the prompt could explain),
   ``reward/observed_std``, ``reward/skipped``, ``reward/pseudo_label_accuracy`` (pseudo-label noise);
 - ``actor/*``: ``pg_loss`` (or ``tb_loss`` for FlowRL), ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``kl_loss``,
   ``grad_norm``, ``lr``, ``active`` (0 during critic warm-up);
@@ -142,8 +145,9 @@ def _plot(path: Path, metrics: list[dict[str, Any]], evals: dict[str, Any]) -> N
     for split in splits:
         xs = [x for x, r in points if split in r]
         ax.plot(xs, [r[split]["accuracy"] for x, r in points if split in r], marker="o", label=split)
-    ax.set_title("held-out accuracy (greedy)")
-    ax.legend()
+    ax.set_title("held-out accuracy (greedy)" if splits else "held-out accuracy (not evaluated)")
+    if splits:
+        ax.legend()
     ax = axes[1, 0]
     ev = [(m["step"], m["critic/explained_var"]) for m in metrics if "critic/explained_var" in m]
     if ev:

@@ -111,6 +111,31 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _signal_share(observed: Tensor, true: Tensor) -> float:
+    """The share of the observed reward's variance that the true reward explains, ``corr(observed, true)^2``
+    over a step's samples: the ceiling of a critic's explained variance at the last token when the noise is
+    independent of the state (flips at rate ``p``: ``(1 - 2p)^2 Var(true) / Var(observed)``). 1 when there is no
+    variance to explain."""
+    if observed.numel() < 2 or float(observed.std()) == 0.0:
+        return 1.0
+    if float(true.std()) == 0.0:
+        return 0.0
+    return float(torch.corrcoef(torch.stack([observed, true]))[0, 1] ** 2)
+
+
+def _prompt_share(observed: Tensor, group: Tensor) -> float:
+    """The share of the observed reward's variance that lies between prompts, ``1 - within / total`` (pooled
+    within-prompt variance over the total, clipped at 0): what a critic that knew each prompt's success rate, and
+    nothing about its response, could explain at the first response token."""
+    groups = [observed[group == g] for g in group.unique()]
+    groups = [g for g in groups if g.numel() > 1]
+    count = sum(g.numel() for g in groups)
+    if observed.numel() < 2 or float(observed.var()) == 0.0 or count <= len(groups):
+        return 0.0
+    within = sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / (count - len(groups))
+    return max(0.0, 1.0 - within / float(observed.var()))
+
+
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for r in records for k in r}
     return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
@@ -426,6 +451,8 @@ class Trainer:
             "reward/true": float(true[kept].mean()) if kept.any() else 0.0,
             "reward/observed_std": float(scores[kept].std()) if kept.sum() > 1 else 0.0,
             "reward/noise_rate": noisy.rate,
+            "reward/signal_share": _signal_share(scores[kept], true[kept]),
+            "reward/prompt_share": _prompt_share(scores[kept], group[kept]),
             "reward/skipped": float((~kept).sum()),
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
@@ -533,7 +560,7 @@ class Trainer:
             return {"values": ensemble.mean(-1), "ensemble": ensemble}
         if k.kind == "quantile":
             return {"samples": self.critic.quantiles(hidden)}
-        return {"samples": self.critic.sample(hidden, k.samples)}
+        return {"samples": self.critic.sample(hidden, k.samples, steps=k.sample_steps)}
 
     # -- the update ------------------------------------------------------------------------------------------
 
@@ -670,7 +697,7 @@ class Trainer:
             return self.critic.loss(hidden, targets, mask, old_values=old, clip=k.value_clip or None)
         if k.kind == "quantile":
             return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight)
-        return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight, **k.flow)
+        return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps, **k.flow)
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
@@ -684,7 +711,7 @@ class Trainer:
         was_training = self.policy.training
         self.policy.eval()
         with torch.random.fork_rng():
-            for split in c.eval.splits.split(","):
+            for split in [s for s in c.eval.splits.split(",") if s]:
                 r = evaluate(self.policy, self.tokenizer, self.task, split, c.eval.limit, max_new, batch_size=64)
                 r.pop("sample")
                 if c.eval.samples > 0:

@@ -1,0 +1,241 @@
+"""``dfpo bench noisy``: the grid's cells, the cross-domain report with intervals and paired comparisons, equal
+tuning, resuming after an interruption, and the statistics behind the tables."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dfpo.cli import main
+from dfpo.noisy import (
+    ABLATIONS,
+    SCALES,
+    CellFailed,
+    NoisyConfig,
+    _chosen_lrs,
+    _grid_cells,
+    equal_parameter_width,
+    run_cell,
+    variant_settings,
+)
+from dfpo.stats import mean_interval, paired, t_quantile
+from dfpo.training.trainer import _signal_share
+
+TINY = ["steps=2", "eval_limit=6", "seeds=0", "train=sub"]
+
+
+def test_t_quantiles_and_intervals_match_the_tables():
+    for df, expected in [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)]:
+        assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    assert t_quantile(0.025, 3) == pytest.approx(-3.182, abs=1e-3)
+    interval = mean_interval([0.5, 0.6, 0.7])
+    assert interval.mean == pytest.approx(0.6)
+    assert interval.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-3)
+    assert interval.show() == "60.0 ± 24.8"
+    assert mean_interval([0.5]).show() == "50.0"  # one seed: no interval to show
+    result = paired([0.6, 0.7, 0.5, 0.4], [0.5, 0.7, 0.6, 0.2], tie=0.005)
+    assert (result.wins, result.ties, result.losses) == (2, 1, 1)
+    assert result.difference.mean == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="equal length"):
+        paired([1.0], [1.0, 2.0])
+
+
+def test_signal_share_is_the_ceiling_of_explained_variance_under_flips():
+    gen = torch.Generator().manual_seed(0)
+    true = (torch.rand(200_000, generator=gen) < 0.3).float()
+    flips = torch.rand(200_000, generator=gen) < 0.2
+    observed = torch.where(flips, 1.0 - true, true)
+    expected = (1 - 2 * 0.2) ** 2 * float(true.var()) / float(observed.var())
+    assert _signal_share(observed, true) == pytest.approx(expected, abs=0.01)
+    assert _signal_share(true, true) == pytest.approx(1.0)
+    assert _signal_share(torch.ones(8), torch.zeros(8)) == 1.0  # nothing to explain
+
+
+def test_grid_cells_cover_every_combination_seed_by_seed():
+    scale = SCALES["tiny"]
+    config = NoisyConfig(algos="dfpo,grpo", ablations="k8", noise="clean,flip(0.4)", seeds="0,1")
+    variants, cells = _grid_cells(config, scale)
+    assert variants == ["dfpo", "grpo", "k8"]
+    assert len(cells) == 2 * 2 * 2 * 3  # seeds x domains x noise x variants
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # a partial grid holds whole seeds
+    assert len({c.id for c in cells}) == len(cells)
+    # dialogue trains only under its reward model, whatever the grid's supervision
+    dialogue = _grid_cells(NoisyConfig(algos="dfpo", train="dialogue", seeds="0"), SCALES["smollm2"])[1]
+    assert [c.noise for c in dialogue] == ["reward_model"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algos=dfpo,nope", "unknown algorithm 'nope'"),
+        ("ablations=nope", "unknown ablation 'nope'"),
+        ("train=science", "scale 'tiny' has no domain 'science'"),
+        ("seeds=a", "comma-separated integers"),
+        ("noise=flip(2)", "flip(p) needs 0 <= p <= 1"),
+        ("scale=huge", "valid scales are tiny, smollm2"),
+        ("settings=actor.nope=1", "unknown key 'actor.nope'"),
+        ("workers=0", "workers=0"),
+    ],
+)
+def test_bad_grids_are_refused_before_any_cell_runs(tmp_path, capsys, override, message):
+    assert main(["bench", "noisy", override, f"out={tmp_path / 'g'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "g" / "cells").exists()
+
+
+def test_ablations_change_what_they_name():
+    scale = SCALES["tiny"]
+    assert variant_settings(scale, "euler4", []) == ("dfpo", ["critic.sample_steps=4"])
+    assert variant_settings(scale, "independent", []) == ("dfpo", ["critic.flow.coupling=independent"])
+    assert variant_settings(scale, "ppo", []) == ("ppo", [])
+    algo, settings = variant_settings(scale, "dvpo_equal", ["critic.width=64"])
+    assert algo == "dvpo" and settings[0].startswith("critic.width=")
+    assert set(ABLATIONS) >= {"euler2", "euler8", "no_risk", "no_consistency", "uweight_off", "k64"}
+
+
+def test_equal_parameter_width_matches_the_flow_head():
+    from dfpo.critics.quantile import QuantileCritic
+    from dfpo.critics.value_flow import ValueFlowCritic
+
+    width = equal_parameter_width(128, 64)
+    quantile = sum(p.numel() for p in QuantileCritic(128, 200, 3, width).parameters())
+    flow = sum(p.numel() for p in ValueFlowCritic(128, 64).parameters())
+    assert abs(quantile - flow) / flow < 0.02
+
+
+def test_tuning_picks_the_rate_with_the_best_final_true_reward(tmp_path):
+    specs = []
+    for lr, reward in [("1e-5", 0.4), ("3e-5", 0.6), ("1e-4", 0.1)]:
+        out = tmp_path / f"{lr}.json"
+        out.write_text(json.dumps({"curves": [{"reward/true": reward}] * 12}))
+        specs.append({"id": lr, "variant": "grpo", "domain": "sub", "lr": lr, "out": str(out)})
+    assert _chosen_lrs(specs) == {("grpo", "sub"): "3e-5"}
+    missing = [{**specs[0], "out": str(tmp_path / "missing.json")}]
+    with pytest.raises(CellFailed, match="did not finish"):
+        _chosen_lrs(missing)
+
+
+@pytest.mark.slow
+def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = ["bench", "noisy", "algos=dfpo,grpo", "noise=flip(0.2)", "tune=1e-5,3e-5", "workers=2", *TINY]
+    assert main([*args, f"out={out}"]) == 0
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert cells == [
+        "base.json", "sub-dfpo-flip0.2-seed0.json", "sub-grpo-flip0.2-seed0.json",
+        "tune-sub-dfpo-lr1e-5-seed1000.json", "tune-sub-dfpo-lr3e-5-seed1000.json",
+        "tune-sub-grpo-lr1e-5-seed1000.json", "tune-sub-grpo-lr3e-5-seed1000.json",
+    ]  # fmt: skip
+    tuning = json.loads((out / "tuning.json").read_text())
+    for variant in ("dfpo", "grpo"):
+        record = json.loads((out / "cells" / f"sub-{variant}-flip0.2-seed0.json").read_text())
+        assert f"actor.lr={tuning[f'{variant}/sub']}" in record["settings"]  # the tuned rate is the one used
+        assert [c["step"] for c in record["curves"]] == [1, 2]
+        assert set(record["benchmarks"]) == {"add-2", "add-3", "sub-2", "sub-3"}
+        assert all(b["n"] == 6 for b in record["benchmarks"].values())
+        run_dir = out / "runs" / record["id"]
+        assert (run_dir / "metrics.jsonl").exists()
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "latest").exists()  # weights not kept
+    rows = list(csv.DictReader((out / "cells.csv").open()))
+    assert [r["variant"] for r in rows] == ["dfpo", "grpo"]  # tuning cells are not results
+    for row in rows:
+        ids = [float(row["sub-2"]), float(row["sub-3"])]
+        assert float(row["ID AVG"]) == pytest.approx(sum(ids) / 2)
+        assert float(row["ALL AVG"]) == pytest.approx(
+            sum(float(row[b]) for b in ("add-2", "add-3", "sub-2", "sub-3")) / 4
+        )
+    summary = (out / "summary.md").read_text()
+    assert "## Trained on sub, supervision flip(0.2)" in summary
+    assert "| grpo | 1 |" in summary and "DFPO against each variant" in summary
+    assert "actor lr from 1e-5, 3e-5" in summary
+    for plot in ("curves-sub.png", "accuracy-sub.png"):
+        assert (out / plot).stat().st_size > 1000
+    grid = json.loads((out / "grid.json").read_text())
+    assert grid["machine"]["cores"] and grid["budget"]["steps"] == 2
+
+    # the same command again: every cell is finished, nothing runs
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    capsys.readouterr()
+    assert main([*args, f"out={out}"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+    # another budget in the same folder is refused
+    assert main(["bench", "noisy", "algos=dfpo", "steps=3", "eval_limit=6", "seeds=0", f"out={out}"]) == 2
+    assert "another budget" in capsys.readouterr().err
+    assert main(["bench", "noisy", f"out={out}", "report_only=true"]) == 0
+
+
+@pytest.mark.slow
+def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
+    from dfpo.noisy import Cell, _budget, _cell_settings
+    from dfpo.training.config import build_config
+    from dfpo.training.trainer import Trainer
+
+    scale = SCALES["tiny"]
+    budget = _budget(NoisyConfig(steps=4, eval_limit=4), scale)
+    budget["settings"] += ["checkpoint.every=2", "threads=1"]
+    records = {}
+    for name in ("whole", "resumed"):
+        cell = Cell("sub", "dfpo", "flip(0.2)", 0)
+        settings = _cell_settings(scale, budget, cell)
+        run_dir = tmp_path / name
+        if name == "resumed":  # the first two steps, then the process "dies" after its checkpoint
+            Trainer(build_config([*settings, f"run_dir={run_dir}", "steps=2"])).run()
+        spec = {"id": cell.id, "scale": "tiny", "domain": "sub", "variant": "dfpo", "algo": "dfpo",
+                "noise": "flip(0.2)", "seed": 0, "tuning": False, "settings": settings, "threads": 1,
+                "eval_limit": 4, "run_dir": str(run_dir), "out": str(tmp_path / f"{name}.json")}  # fmt: skip
+        run_cell(spec)
+        records[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    whole, resumed = records["whole"], records["resumed"]
+    assert [c["step"] for c in resumed["curves"]] == [1, 2, 3, 4]
+    for a, b in zip(whole["curves"], resumed["curves"], strict=True):
+        assert a["reward/true"] == b["reward/true"]
+        assert a["critic/explained_var"] == pytest.approx(b["critic/explained_var"], abs=1e-6)
+    assert resumed["resumed_from_step"] == 2 and whole["resumed_from_step"] == 0
+    for record in (whole, resumed):
+        for result in record["benchmarks"].values():
+            result.pop("seconds")
+    assert whole["benchmarks"] == resumed["benchmarks"]
+
+
+@pytest.mark.slow
+def test_interrupting_the_grid_keeps_finished_cells_and_resumes(tmp_path):
+    out = tmp_path / "grid"
+    command = [sys.executable, "-m", "dfpo.cli", "bench", "noisy", "algos=grpo", "noise=clean", "seeds=0,1",
+               "train=sub", "steps=30", "eval_limit=4", "workers=1", "threads=1", f"out={out}"]  # fmt: skip
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "runs" / "sub-grpo-clean-seed0" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "cells" / "base.json").exists()
+    parent.send_signal(signal.SIGTERM)  # `kill`, as Ctrl-C (SIGINT) would
+    _, err = parent.communicate(timeout=60)
+    assert parent.returncode != 0
+    assert "interrupted; finished cells are kept" in err
+    assert not (out / "cells" / "sub-grpo-clean-seed0.json").exists()
+    base_stamp = (out / "cells" / "base.json").stat().st_mtime_ns
+    # the cell's process was stopped with the grid: nothing is still writing to its run folder
+    size = (out / "runs" / "sub-grpo-clean-seed0" / "metrics.jsonl").stat().st_size
+    time.sleep(3)
+    assert (out / "runs" / "sub-grpo-clean-seed0" / "metrics.jsonl").stat().st_size == size
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "cells" / "base.json").stat().st_mtime_ns == base_stamp  # finished: skipped
+    record = json.loads((out / "cells" / "sub-grpo-clean-seed0.json").read_text())
+    assert [c["step"] for c in record["curves"]] == list(range(1, 31))  # continued, not restarted
+    assert record["resumed_from_step"] == 20  # its checkpoint at step 20
+    assert json.loads((out / "cells" / "sub-grpo-clean-seed1.json").read_text())["resumed_from_step"] == 0
+
+
+def test_noisy_help_lists_its_keys(capsys):
+    assert main(["bench", "noisy", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "algos" in shown and "ablations" in shown and "workers" in shown
+    assert main(["bench", "nope"]) == 2
+    assert "dfpo bench {throughput,noisy}" in capsys.readouterr().err
