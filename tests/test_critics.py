@@ -132,6 +132,25 @@ def test_flow_critic_loss_runs_with_every_option_and_any_k(gen):
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
+def test_flow_critic_loss_sees_the_samples_of_as_many_euler_steps_as_inference(gen):
+    critic = ValueFlowCritic(6, width=16)
+    for p in critic.out.parameters():  # a non-trivial field, so that more steps give other samples
+        torch.nn.init.normal_(p, std=0.5, generator=gen)
+    hidden = torch.randn(2, 3, 6, generator=gen)
+    targets = torch.randn(2, 3, 8, generator=gen)
+    mask = torch.ones(2, 3)
+    one, _ = critic.loss(hidden, targets, mask, generator=torch.Generator().manual_seed(0))
+    same, _ = critic.loss(hidden, targets, mask, sample_steps=1, generator=torch.Generator().manual_seed(0))
+    four, metrics = critic.loss(hidden, targets, mask, sample_steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(one, same)
+    assert not torch.allclose(one, four)
+    # the loss's distribution is the one sample() gives with the same number of steps
+    samples = critic.sample(hidden, 8, steps=4).detach()
+    assert metrics["critic/dist_std"] == pytest.approx(float(samples.std(-1).mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="sample_steps must be >= 1"):
+        critic.loss(hidden, targets, mask, sample_steps=0)
+
+
 def test_flow_critic_refuses_bad_options(gen):
     critic = ValueFlowCritic(4, width=8)
     h = torch.randn(2, 4)

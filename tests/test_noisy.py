@@ -155,6 +155,10 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     assert "## Trained on sub, supervision flip(0.2)" in summary
     assert "| grpo | 1 |" in summary and "DFPO against each variant" in summary
     assert "actor lr from 1e-5, 3e-5" in summary
+    assert "| starting model | - |" in summary and "## Stability" in summary
+    assert "## Critic explained variance" in summary  # dfpo has a critic; grpo has none
+    critic_rows = [line for line in summary.splitlines() if line.startswith(("| dfpo | ", "| grpo | "))]
+    assert any(line.count(" / ") == 2 for line in critic_rows)
     for plot in ("curves-sub.png", "accuracy-sub.png"):
         assert (out / plot).stat().st_size > 1000
     grid = json.loads((out / "grid.json").read_text())

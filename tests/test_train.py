@@ -174,6 +174,7 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["algo=grpo", "rollout.samples=1"], "rollout.samples=1: grpo compares the responses to one prompt"),
         (["algo=rloo", "rollout.samples=1"], "needs rollout.samples >= 2"),
         (["critic.samples=1"], "a flow critic needs K >= 2"),
+        (["critic.sample_steps=0"], "critic.sample_steps=0: must be at least 1"),
         (["precision=fp16"], "precision='fp16': valid values are fp32, bf16"),
         (["actor.checkpoint_prompts=-1"], "must be 0 (off) or at least 1"),
         (["algo=nope"], "algo='nope': valid values are dfpo, ppo"),
@@ -288,3 +289,39 @@ def test_train_on_user_data_and_reward_function(tmp_path, capsys):
     assert main([*args, f"task_options.reward={rewards}:broken", f"run_dir={tmp_path / 'bad'}"]) == 1
     err = capsys.readouterr().err
     assert "RewardFunctionError" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dfpo", "dvpo"])
+def test_extra_critic_steps_fit_the_step_batch_from_saved_features(algo, tmp_path):
+    """critic.updates=k takes k - 1 more critic steps on the step's batch alone: the critic's loss on that batch
+    falls, the actor and the policy are untouched by them, and the whole step stays finite."""
+    base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL]
+    trainer = Trainer(build_config([*base, f"run_dir={tmp_path / 'a'}", "critic.updates=6"]))
+    trainer.step = 1
+    captured = {}
+    original = trainer._critic_steps
+
+    def batch_loss(batch):  # the flow critic's loss draws noise: the same draws before and after
+        rows = torch.arange(batch["mask"].shape[0])
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return float(trainer._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"])[0].detach())
+
+    def spy(batch, steps):
+        before = batch_loss(batch)
+        policy = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        out = original(batch, steps)
+        after = batch_loss(batch)
+        captured.update(before=before, after=after, steps=steps)
+        assert all(torch.equal(v, trainer.policy.state_dict()[k]) for k, v in policy.items())
+        return out
+
+    trainer._critic_steps = spy
+    metrics = trainer.train_step()
+    assert captured["steps"] == 5 and captured["after"] < captured["before"]
+    assert "critic/extra_steps_explained_var" in metrics and torch.isfinite(
+        torch.tensor(metrics["critic/extra_steps_loss"])
+    )
+    with pytest.raises(ConfigError, match=r"critic\.updates=3 trains the critic head on saved features"):
+        build_config([*base, "critic.updates=3", "critic.backbone=separate"])
+    trainer.log.close()

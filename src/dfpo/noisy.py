@@ -727,13 +727,16 @@ def _ordered(values: list[str], order: list[str]) -> list[str]:
 def _summary(
     grid: dict[str, Any], scale: Scale, base: dict[str, Any] | None, rows: list[dict[str, Any]], benchmarks: list[str]
 ) -> list[str]:
-    b = grid["budget"]
+    b, m = grid["budget"], grid["machine"]
+    seconds = sum(r["seconds"] for r in rows)
     lines = [
         f"# Noisy-supervision benchmark: {b['scale']} ({scale.model})", "",
         f"Commands: {'; '.join(f'`{c}`' for c in grid['commands'])}", "",
         f"Budget of every cell: {b['steps']} steps, settings `{' '.join(b['settings'])}`; {b['eval_limit']} "
         "examples per benchmark, greedy. Accuracy in %, mean ± half-width of the 95% Student-t interval over seeds.",
-        f"Machine: {grid['machine']['processor']}, {grid['machine']['cores']} cores, torch {grid['machine']['torch']}.",
+        f"Machine: {m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}. Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
+        f"processes ({len(rows)} cells, base and tuning cells not counted).",
         "",
     ]  # fmt: skip
     if b["tune"]:
@@ -758,6 +761,10 @@ def _summary(
             lines += [f"## Trained on {domain}, supervision {noise}", "",
                       "| variant | seeds | " + " | ".join(columns) + " | final true reward |",
                       "|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
+            if base is not None:
+                start_row = {**{n: v["accuracy"] for n, v in base["benchmarks"].items()}, **_averages(base, domain)}
+                shown = [f"{100 * start_row[c]:.1f}" if c in start_row else "-" for c in columns]
+                lines.append("| starting model | - | " + " | ".join(shown) + " | - |")
             for variant in variants:
                 chosen = [r for r in group if r["variant"] == variant]
                 if chosen:
@@ -766,8 +773,31 @@ def _summary(
                     lines.append(f"| {variant} | {len(chosen)} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += _paired_section(rows, variants)
+    if base is not None:
+        lines += _stability_section(base, rows, variants, noises)
     lines += _critic_section(rows, variants, noises)
     return lines
+
+
+def _stability_section(
+    base: dict[str, Any], rows: list[dict[str, Any]], variants: list[str], noises: list[str], drop: float = 0.05
+) -> list[str]:
+    """Change of the in-domain average from the starting model, and how many cells fell by more than ``drop``."""
+    lines = ["## Stability: in-domain average against the starting model", "",
+             f"Each entry: mean change of ID AVG from the starting model in points, over seeds and domains, and the "
+             f"cells that fell by more than {drop * 100:.0f} points (collapses) out of all.", "",
+             "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
+    start = {d: _averages(base, d)["ID AVG"] for d in {r["domain"] for r in rows}}
+    for variant in variants:
+        shown = []
+        for noise in noises:
+            changes = [
+                r["ID AVG"] - start[r["domain"]] for r in rows if r["variant"] == variant and r["noise"] == noise
+            ]
+            fell = sum(c < -drop for c in changes)
+            shown.append(f"{100 * sum(changes) / len(changes):+.1f} ({fell}/{len(changes)})" if changes else "-")
+        lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+    return [*lines, ""]
 
 
 def _paired_section(rows: list[dict[str, Any]], variants: list[str]) -> list[str]:

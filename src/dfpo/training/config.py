@@ -66,9 +66,14 @@ class CriticOptions:
         "frozen", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
     )
     lr: float = option(1e-3, "peak AdamW learning rate of the critic (its head; its trunk too when separate)")
-    trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as critic.lr)")
+    trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as actor.lr)")
     warmup_steps: int = option(2, "steps at the start that train the critic only (the actor waits)")
     coef: float = option(0.5, "weight of the critic loss when it shares the policy's trunk")
+    updates: int = option(
+        1,
+        "critic gradient steps per training step: the first with the actor's update, the others on the step's "
+        "batch alone, from the features saved while scoring (frozen backbone; cheap: the head only)",
+    )
     grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
     value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
     samples: int = option(16, "K return samples per token of the flow critic")
@@ -250,6 +255,13 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
+    if c.critic.updates < 1:
+        raise ConfigError(f"critic.updates={c.critic.updates}: must be at least 1")
+    if c.critic.updates > 1 and c.critic.kind != "none" and c.critic.backbone != "frozen":
+        raise ConfigError(
+            f"critic.updates={c.critic.updates} trains the critic head on saved features: it needs "
+            f"critic.backbone=frozen (got {c.critic.backbone})"
+        )
     if c.critic.sample_steps < 1:
         raise ConfigError(f"critic.sample_steps={c.critic.sample_steps}: must be at least 1 (one Euler step)")
     if c.critic.kind == "quantile" and c.critic.quantiles < 2:

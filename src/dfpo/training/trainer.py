@@ -436,6 +436,8 @@ class Trainer:
 
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width)
+        if c.critic.updates > 1 and self.critic is not None:
+            update_metrics.update(self._critic_steps(batch, c.critic.updates - 1))
         self._policy_out = None
         self._refresh_rollout_policy()
         times["update"] = time.perf_counter() - t
@@ -549,6 +551,8 @@ class Trainer:
             if self.critic is not None:
                 for key, value in self._critic_outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
+                if c.critic.updates > 1:  # the frozen features, for the critic's extra steps
+                    parts.setdefault("critic_hidden", []).append(hidden.detach().float())
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def _critic_outputs(self, hidden: Tensor) -> dict[str, Tensor]:
@@ -624,6 +628,25 @@ class Trainer:
         if self.critic_opt is not None:
             self.critic_opt.step()
         return record, True
+
+    def _critic_steps(self, batch: dict[str, Tensor], steps: int) -> dict[str, float]:
+        """``steps`` more critic gradient steps on the whole batch, from the frozen features saved while scoring
+        (the critic's targets stay those of this step). Returns the loss and explained variance after them."""
+        rows = torch.arange(batch["mask"].shape[0])
+        record: dict[str, float] = {}
+        for _ in range(steps):
+            self.critic_opt.zero_grad(set_to_none=True)
+            loss, record = self._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"])
+            loss.backward()
+            params = [p for g in self.critic_opt.param_groups for p in g["params"]]
+            norm = self._clip(params, self.config.critic.grad_clip)
+            if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
+                break  # a non-finite step is not taken; the next training step tries again
+            self.critic_opt.step()
+        return {
+            "critic/extra_steps_loss": record.get("critic/loss", record.get("critic/vf_loss", float("nan"))),
+            "critic/extra_steps_explained_var": record.get("critic/explained_var", float("nan")),
+        }
 
     @staticmethod
     def _clip(params: list[Tensor], max_norm: float) -> float:
