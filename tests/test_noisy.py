@@ -26,7 +26,7 @@ from dfpo.noisy import (
     variant_settings,
 )
 from dfpo.stats import mean_interval, paired, t_quantile
-from dfpo.training.trainer import _signal_share
+from dfpo.training.trainer import _prompt_share, _signal_share
 
 TINY = ["steps=2", "eval_limit=6", "seeds=0", "train=sub"]
 
@@ -56,6 +56,20 @@ def test_signal_share_is_the_ceiling_of_explained_variance_under_flips():
     assert _signal_share(observed, true) == pytest.approx(expected, abs=0.01)
     assert _signal_share(true, true) == pytest.approx(1.0)
     assert _signal_share(torch.ones(8), torch.zeros(8)) == 1.0  # nothing to explain
+
+
+def test_prompt_share_is_the_between_prompt_part_of_the_variance():
+    group = torch.arange(8).repeat_interleave(4)
+    assert _prompt_share(torch.tensor([0.0, 1.0]).repeat(16).sort().values, group) == pytest.approx(1.0)
+    assert _prompt_share(torch.tensor([0.0, 1.0, 0.0, 1.0]).repeat(8), group) < 0  # all spread within prompts
+    # prompts of success rate 0.2 or 0.8: between-prompt variance 0.09 of a total 0.25
+    gen = torch.Generator().manual_seed(0)
+    rates = torch.tensor([0.2, 0.8]).repeat(4).repeat_interleave(4)
+    shares = [_prompt_share((torch.rand(32, generator=gen) < rates).float(), group) for _ in range(3000)]
+    assert sum(shares) / len(shares) == pytest.approx(0.09 / 0.25, abs=0.03)
+    # no difference between prompts: the mean over steps is about 0, not pushed up by a clip at 0
+    flat = [_prompt_share((torch.rand(32, generator=gen) < 0.5).float(), group) for _ in range(3000)]
+    assert abs(sum(flat) / len(flat)) < 0.02
 
 
 def test_grid_cells_cover_every_combination_seed_by_seed():

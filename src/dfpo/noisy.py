@@ -75,11 +75,17 @@ class Domain:
     max_new_tokens: int = 64
     noise: tuple[str, ...] = ()  # the supervision this domain is trained under, instead of the grid's
     about: str = ""
+    evaluated_on: tuple[str, ...] = ()  # the domains whose benchmarks a cell trained here runs (empty: all)
 
 
 @dataclass(frozen=True)
 class Scale:
     """A model, its domains, and the budget every cell shares."""
+
+    def peers(self, domain: str) -> tuple[str, ...]:
+        """The domains whose benchmarks a cell trained on ``domain`` is evaluated on (ID first)."""
+        chosen = self.domains[domain].evaluated_on or tuple(self.domains)
+        return (domain, *(d for d in chosen if d != domain))
 
     model: str
     hidden_size: int
@@ -134,6 +140,7 @@ SCALES: dict[str, Scale] = {
                 ),
                 48,
                 about="2-digit additions with three worked examples; GSM8K",
+                evaluated_on=("math", "science"),
             ),
             "science": Domain(
                 "science",
@@ -142,6 +149,7 @@ SCALES: dict[str, Scale] = {
                 tuple(Benchmark(b, "science", {"few_shot": 3}, "eval", ("benchmark", b), 48) for b in _SCIENCE),
                 48,
                 about="SciQ, ARC-Easy, ARC-Challenge, OpenBookQA multiple choice, three examples in the prompt",
+                evaluated_on=("science", "math"),
             ),
             "dialogue": Domain(
                 "dialogue",
@@ -151,6 +159,7 @@ SCALES: dict[str, Scale] = {
                 48,
                 noise=("reward_model",),
                 about="CoQA, trained on a learned reward model, evaluated by F1",
+                evaluated_on=("dialogue",),
             ),
         },
         train=("math", "science"),
@@ -346,13 +355,16 @@ def _benchmark_examples(task: Any, benchmark: Benchmark, limit: int) -> list[dic
     return examples[:limit]
 
 
-def evaluate_benchmarks(model: Any, tokenizer: Any, scale: Scale, limit: int) -> dict[str, dict[str, Any]]:
-    """Greedy accuracy of ``model`` on every benchmark of every domain of ``scale``."""
+def evaluate_benchmarks(
+    model: Any, tokenizer: Any, scale: Scale, limit: int, domains: tuple[str, ...] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Greedy accuracy of ``model`` on every benchmark of ``domains`` (default: every domain of ``scale``)."""
     from dfpo.evaluate import evaluate
 
     results: dict[str, dict[str, Any]] = {}
     model.eval()
-    for domain in scale.domains.values():
+    for name in domains or tuple(scale.domains):
+        domain = scale.domains[name]
         for benchmark in domain.benchmarks:
             task = _benchmark_task(benchmark, scale.model)
             examples = _benchmark_examples(task, benchmark, limit)
@@ -407,7 +419,8 @@ def run_cell(spec: dict[str, Any]) -> None:
         model, tokenizer = trainer.policy, trainer.tokenizer
         curves = [{k: m[k] for k in ("step", *CURVE_KEYS) if k in m} for m in read_metrics(run_dir)]
         record["settings"] = spec["settings"]
-    record["benchmarks"] = evaluate_benchmarks(model, tokenizer, scale, spec["eval_limit"])
+    peers = None if spec["variant"] == "base" else scale.peers(spec["domain"])
+    record["benchmarks"] = evaluate_benchmarks(model, tokenizer, scale, spec["eval_limit"], peers)
     record["curves"] = curves
     record["seconds"] = time.perf_counter() - start
     _write_json(Path(spec["out"]), record)
@@ -655,9 +668,11 @@ def _load_cells(out: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]
     return base, cells
 
 
-def _averages(record: dict[str, Any], domain: str | None) -> dict[str, float]:
-    """ID, OOD and ALL averages of a cell's benchmark accuracies (ID: the benchmarks of ``domain``)."""
-    scores = {name: r["accuracy"] for name, r in record["benchmarks"].items()}
+def _averages(record: dict[str, Any], domain: str, scale: Scale) -> dict[str, float]:
+    """ID, OOD and ALL averages of a cell's benchmark accuracies: ID the benchmarks of ``domain``, OOD those of
+    the other domains it is evaluated on."""
+    peers = scale.peers(domain)
+    scores = {n: r["accuracy"] for n, r in record["benchmarks"].items() if r["domain"] in peers}
     in_domain = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] == domain]
     out_domain = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] != domain]
 
@@ -693,7 +708,7 @@ def write_report(out: Path) -> dict[str, Any]:
         rows.append({
             "domain": r["domain"], "variant": r["variant"], "algo": r["algo"], "noise": r["noise"], "seed": r["seed"],
             **{b: r["benchmarks"][b]["accuracy"] for b in benchmarks if b in r["benchmarks"]},
-            **_averages(r, r["domain"]), "final_true_reward": _final_true_reward(r),
+            **_averages(r, r["domain"], scale), "final_true_reward": _final_true_reward(r),
             "critic_explained_var": ev, "prompt_share": prompt_share, "explained_var_ceiling": ceiling,
             "seconds": r["seconds"],
         })  # fmt: skip
@@ -749,7 +764,6 @@ def _summary(
         lines += ["Tuning: none; every variant runs with the same shared settings and its own published defaults.", ""]
     variants = _ordered(sorted({r["variant"] for r in rows}), [*MAIN_ALGOS, *ABLATIONS])
     noises = _ordered(sorted({r["noise"] for r in rows}), ["clean", "flip(0.2)", "flip(0.4)", "pseudo_label(8)"])
-    columns = [*benchmarks, "ID AVG", "OOD AVG", "ALL AVG"]
     if base is not None:
         start = {n: base["benchmarks"][n]["accuracy"] for n in benchmarks if n in base["benchmarks"]}
         lines += ["Starting model: " + ", ".join(f"{n} {v * 100:.1f}" for n, v in start.items()), ""]
@@ -758,12 +772,18 @@ def _summary(
             group = [r for r in rows if r["domain"] == domain and r["noise"] == noise]
             if not group:
                 continue
+            evaluated = [b.name for d in scale.peers(domain) for b in scale.domains[d].benchmarks]
+            columns = [*evaluated, "ID AVG", "OOD AVG", "ALL AVG"]
             lines += [f"## Trained on {domain}, supervision {noise}", "",
                       "| variant | seeds | " + " | ".join(columns) + " | final true reward |",
                       "|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
             if base is not None:
-                start_row = {**{n: v["accuracy"] for n, v in base["benchmarks"].items()}, **_averages(base, domain)}
-                shown = [f"{100 * start_row[c]:.1f}" if c in start_row else "-" for c in columns]
+                start_row = {
+                    **{n: v["accuracy"] for n, v in base["benchmarks"].items()},
+                    **_averages(base, domain, scale),
+                }
+                shown = [f"{100 * start_row[c]:.1f}" if not math.isnan(start_row.get(c, math.nan)) else "-"
+                         for c in columns]  # fmt: skip
                 lines.append("| starting model | - | " + " | ".join(shown) + " | - |")
             for variant in variants:
                 chosen = [r for r in group if r["variant"] == variant]
@@ -774,20 +794,25 @@ def _summary(
             lines.append("")
     lines += _paired_section(rows, variants)
     if base is not None:
-        lines += _stability_section(base, rows, variants, noises)
+        lines += _stability_section(base, scale, rows, variants, noises)
     lines += _critic_section(rows, variants, noises)
     return lines
 
 
 def _stability_section(
-    base: dict[str, Any], rows: list[dict[str, Any]], variants: list[str], noises: list[str], drop: float = 0.05
+    base: dict[str, Any],
+    scale: Scale,
+    rows: list[dict[str, Any]],
+    variants: list[str],
+    noises: list[str],
+    drop: float = 0.05,
 ) -> list[str]:
     """Change of the in-domain average from the starting model, and how many cells fell by more than ``drop``."""
     lines = ["## Stability: in-domain average against the starting model", "",
              f"Each entry: mean change of ID AVG from the starting model in points, over seeds and domains, and the "
              f"cells that fell by more than {drop * 100:.0f} points (collapses) out of all.", "",
              "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
-    start = {d: _averages(base, d)["ID AVG"] for d in {r["domain"] for r in rows}}
+    start = {d: _averages(base, d, scale)["ID AVG"] for d in {r["domain"] for r in rows}}
     for variant in variants:
         shown = []
         for noise in noises:

@@ -125,15 +125,17 @@ def _signal_share(observed: Tensor, true: Tensor) -> float:
 
 def _prompt_share(observed: Tensor, group: Tensor) -> float:
     """The share of the observed reward's variance that lies between prompts, ``1 - within / total`` (pooled
-    within-prompt variance over the total, clipped at 0): what a critic that knew each prompt's success rate, and
-    nothing about its response, could explain at the first response token."""
+    within-prompt variance over the total): what a critic that knew each prompt's success rate, and nothing about
+    its response, could explain at the first response token. Not clipped at 0, so that its mean over steps is not
+    biased upwards: a step with no variance between prompts gives a small negative value as often as a positive
+    one."""
     groups = [observed[group == g] for g in group.unique()]
     groups = [g for g in groups if g.numel() > 1]
     count = sum(g.numel() for g in groups)
     if observed.numel() < 2 or float(observed.var()) == 0.0 or count <= len(groups):
         return 0.0
     within = sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / (count - len(groups))
-    return max(0.0, 1.0 - within / float(observed.var()))
+    return 1.0 - within / float(observed.var())
 
 
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
