@@ -83,6 +83,11 @@ def test_grid_cells_cover_every_combination_seed_by_seed():
     # dialogue trains only under its reward model, whatever the grid's supervision
     dialogue = _grid_cells(NoisyConfig(algos="dfpo", train="dialogue", seeds="0"), SCALES["smollm2"])[1]
     assert [c.noise for c in dialogue] == ["reward_model"]
+    # cross-domain pairs: math and science are evaluated together, dialogue alone, tiny's two domains together
+    assert SCALES["smollm2"].peers("math") == ("math", "science")
+    assert SCALES["smollm2"].peers("science") == ("science", "math")
+    assert SCALES["smollm2"].peers("dialogue") == ("dialogue",)
+    assert scale.peers("sub") == ("sub", "add")
 
 
 @pytest.mark.parametrize(

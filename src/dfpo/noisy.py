@@ -2,9 +2,10 @@
 
 Every cell of the grid trains one algorithm (or a DFPO ablation) on one domain under one kind of supervision with
 one seed, at the same budget as every other cell (steps, prompts, samples, response length, evaluation), then
-evaluates the final policy greedily on every benchmark of every domain of its scale: the benchmarks of the domain
-it trained on are in-domain (ID), the others out-of-domain (OOD), the cross-domain protocol of DFPO's and DVPO's
-papers (train on math, evaluate math and science; train on science, evaluate science and math).
+evaluates the final policy greedily on the benchmarks of its domain and of the domains paired with it: the
+benchmarks of the domain it trained on are in-domain (ID), the others out-of-domain (OOD), the cross-domain
+protocol of DFPO's and DVPO's papers (train on math, evaluate math and science; train on science, evaluate
+science and math).
 
 Scales (:data:`SCALES`) fix the model, the domains with their benchmarks, and the shared budget:
 
@@ -443,7 +444,23 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "code": _code_version(),
     }
+
+
+def _code_version() -> str:
+    """The git commit of the dfpo source that runs the grid ('+changes' if its tree differs), or its version."""
+    from dfpo import __version__
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        changed = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} (git {commit}{'+changes' if changed else ''})"
 
 
 def _budget(config: NoisyConfig, scale: Scale) -> dict[str, Any]:
@@ -750,7 +767,8 @@ def _summary(
         f"Budget of every cell: {b['steps']} steps, settings `{' '.join(b['settings'])}`; {b['eval_limit']} "
         "examples per benchmark, greedy. Accuracy in %, mean ± half-width of the 95% Student-t interval over seeds.",
         f"Machine: {m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
-        f"transformers {m['transformers']}. Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
+        f"transformers {m['transformers']}; dfpo {m.get('code', 'version not recorded')}. "
+        f"Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
         f"processes ({len(rows)} cells, base and tuning cells not counted).",
         "",
     ]  # fmt: skip
