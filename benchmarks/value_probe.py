@@ -8,7 +8,9 @@ the answers to one prompt never sit on both sides). Beside them: the share of th
 between prompts (``reward/prompt_share``, what knowing each prompt's success rate would explain).
 
     .venv/bin/python benchmarks/value_probe.py                         # tiny model, 2-3 term subtraction chains
-    .venv/bin/python benchmarks/value_probe.py --operators +           # additions
+    .venv/bin/python benchmarks/value_probe.py --option operators=+    # additions
+    .venv/bin/python benchmarks/value_probe.py --model smollm2 --task science --option few_shot=3 \
+        --max-new-tokens 48 --prompts 96
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 
 import torch
 
+from dfpo.config import parse_scalar
 from dfpo.evaluate import render_prompt
 from dfpo.models import load_model
 from dfpo.rollout import response_forward, sample
@@ -38,7 +41,12 @@ def ridge_r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, test: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--operators", default="-")
+    parser.add_argument("--task", default="arithmetic")
+    parser.add_argument(
+        "--option", action="append", default=[], help="a task option as name=value (repeatable); arithmetic "
+        "defaults to operators=- eval_size=1000, the tiny grid's sub domain",
+    )  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -47,14 +55,16 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     model.eval()
-    options = task_options_for(args.model, "arithmetic", {"operators": args.operators, "eval_size": 1000})
-    task = get("arithmetic", **options)
+    given = {k: parse_scalar(v) for k, v in (o.split("=", 1) for o in args.option)}
+    defaults = {"operators": "-", "eval_size": 1000} if args.task == "arithmetic" else {}
+    options = task_options_for(args.model, args.task, {**defaults, **given})
+    task = get(args.task, **options)
     examples = task.examples("train", args.prompts)
     first, last, every, every_prompt, rewards, prompt_of = [], [], [], [], [], []
     for start in range(0, len(examples), 25):
         chunk = examples[start : start + 25]
         prompts = [render_prompt(tokenizer, task.messages(e)) for e in chunk]
-        rollout = sample(model, tokenizer, prompts, args.samples, 64, args.temperature)
+        rollout = sample(model, tokenizer, prompts, args.samples, args.max_new_tokens, args.temperature)
         ids, attn, width = rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1]
         with torch.no_grad():
             _, hidden = response_forward(model, ids, attn, width, args.temperature, True)
@@ -73,7 +83,7 @@ def main() -> None:
     test = torch.tensor([g in held_out for g in prompt_of])
     y_every = torch.cat([torch.full((len(h),), r) for h, r in zip(every, rewards, strict=True)])
     test_every = torch.tensor([g in held_out for g in every_prompt])
-    print(f"{args.model}, arithmetic operators {args.operators!r}: {len(examples)} prompts x {args.samples} samples "
+    print(f"{args.model}, {args.task} {options}: {len(examples)} prompts x {args.samples} samples "
           f"at temperature {args.temperature}; mean reward {float(y.mean()):.3f}")  # fmt: skip
     print(f"between-prompt share of the reward's variance (reward/prompt_share): {_prompt_share(y, groups):.3f}")
     print("held-out R^2 of ridge probes on the frozen features (best of lambda 1, 10, 100):")
