@@ -522,6 +522,7 @@ class _Runner:
                 self.bar.write(f"cell {spec['id']} failed (exit {code}); its log: {log}")
             elif code == 0:
                 self.bar.update(1)
+                log.unlink(missing_ok=True)  # the cell's record holds its results; logs are kept for failures
             self.bar.set_postfix_str(", ".join(self.running), refresh=True)
 
     def run(self, specs: list[dict[str, Any]]) -> None:
