@@ -173,6 +173,7 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     summary = (out / "summary.md").read_text()
     assert "## Trained on sub, supervision flip(0.2)" in summary
     assert "| grpo | 1 |" in summary and "DFPO against each variant" in summary
+    assert "under each supervision" in summary
     assert "actor lr from 1e-5, 3e-5" in summary
     assert "| starting model | - |" in summary and "## Stability" in summary
     assert "## Critic explained variance" in summary  # dfpo has a critic; grpo has none

@@ -872,6 +872,20 @@ def _paired_section(rows: list[dict[str, Any]], variants: list[str]) -> list[str
         overall = paired([a["ALL AVG"] for a, _ in pairs], [b["ALL AVG"] for _, b in pairs], tie=0.005)
         lines.append(f"| {variant} | {len(pairs)} | " + " | ".join(shown)
                      + f" | {overall.wins} / {overall.ties} / {overall.losses} |")  # fmt: skip
+    noises = _ordered(sorted({r["noise"] for r in rows}), ["clean", "flip(0.2)", "flip(0.4)", "pseudo_label(8)"])
+    lines += ["", "The same difference on ALL AVG under each supervision (pairs over domains and seeds):", "",
+              "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
+    for variant in variants:
+        if variant == "dfpo":
+            continue
+        shown = []
+        for noise in noises:
+            pairs = [(dfpo[key(r)], r) for r in rows if r["variant"] == variant and r["noise"] == noise
+                     and key(r) in dfpo]  # fmt: skip
+            result = paired([a["ALL AVG"] for a, _ in pairs], [b["ALL AVG"] for _, b in pairs], tie=0.005)
+            shown.append(f"{result.difference.show()} ({len(pairs)})" if pairs else "-")
+        if any(x != "-" for x in shown):
+            lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
 
 
