@@ -26,6 +26,21 @@ def test_arithmetic_splits_are_disjoint_and_deterministic():
         task.examples("test")
 
 
+def test_arithmetic_mixes_operand_lengths_evenly_with_min_digits():
+    mixed = tasks.get("arithmetic", min_terms=2, max_terms=2, digits=2, min_digits=1, operators="+", eval_size=400)
+    lengths = [len(str(n)) for e in mixed.examples("eval") for n in e["expression"].split(" + ")]
+    assert set(lengths) == {1, 2} and 0.4 < lengths.count(1) / len(lengths) < 0.6
+    assert {e["digits"] for e in mixed.examples("eval")} == {1, 2}
+    # without min_digits the problems are the ones drawn before the option existed (fixed eval splits)
+    assert [e["expression"] for e in tasks.get("arithmetic", eval_size=50).examples("eval")[:3]] == [
+        "72 + 97", "15 - 63 - 97", "26 + 12 - 62",
+    ]  # fmt: skip
+    sub = tasks.get("arithmetic", operators="-", eval_size=1000)
+    assert [e["expression"] for e in sub.examples("train", 2)] == ["97 - 53 - 5", "38 - 61 - 45"]
+    with pytest.raises(ValueError, match="1 <= min_digits <= digits"):
+        tasks.get("arithmetic", digits=2, min_digits=3)
+
+
 def test_arithmetic_scores_the_marked_answer_only():
     task = tasks.get("arithmetic", operators="+-*")
     example = task.examples("eval", 1)[0]

@@ -24,6 +24,10 @@ class Arithmetic(Task):
     Args:
         min_terms, max_terms: number of operands per problem, drawn uniformly (mixed difficulty).
         digits: maximum digits per operand.
+        min_digits: ``None`` (default): each operand uniform in ``0 .. 10^digits - 1``; a number: each operand first
+            draws its digit count uniformly from ``min_digits .. digits``, then a number of that many digits, so that
+            short and long operands (easy and hard problems) are mixed evenly. Each problem records its longest
+            operand's digit count in ``digits``.
         operators: characters from ``+-*``.
         eval_size: size of the held-out eval split.
         train_size: size of the train split returned by :meth:`examples` without a limit.
@@ -42,6 +46,7 @@ class Arithmetic(Task):
         max_terms: int = 3,
         digits: int = 2,
         operators: str = "+-",
+        min_digits: int | None = None,
         eval_size: int = 500,
         train_size: int = 20_000,
         seed: int = 0,
@@ -53,17 +58,20 @@ class Arithmetic(Task):
             raise ValueError(f"arithmetic needs 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
         if digits < 1 or not operators or set(operators) - set(_OPS):
             raise ValueError(f"arithmetic needs digits >= 1 and operators from '+-*', got {digits}, {operators!r}")
+        if min_digits is not None and not 1 <= min_digits <= digits:
+            raise ValueError(f"arithmetic needs 1 <= min_digits <= digits, got {min_digits}, {digits}")
         if prompt_style not in ("instruct", "terse"):
             raise ValueError(f"arithmetic prompt_style must be 'instruct' or 'terse', got {prompt_style!r}")
         self.prompt_style, self.few_shot = prompt_style, few_shot
         self.min_terms, self.max_terms, self.digits, self.operators = min_terms, max_terms, digits, operators
+        self.min_digits = min_digits
         self.eval_size, self.train_size, self.seed = eval_size, train_size, seed
         self._eval = self._generate(seed + 1, eval_size, exclude=set())
         self._eval_keys = {e["expression"] for e in self._eval}
 
     def _problem(self, rng: random.Random) -> dict[str, Any]:
         terms = rng.randint(self.min_terms, self.max_terms)
-        numbers = [rng.randint(0, 10**self.digits - 1) for _ in range(terms)]
+        numbers = [self._operand(rng) for _ in range(terms)]
         ops = [rng.choice(self.operators) for _ in range(terms - 1)]
         value, steps = numbers[0], []
         for op, number in zip(ops, numbers[1:], strict=True):
@@ -81,7 +89,14 @@ class Arithmetic(Task):
             "solution": " ".join(steps) + f" The answer is {value}.",
             "expression": expression,
             "terms": terms,
+            "digits": max(len(str(n)) for n in numbers),
         }
+
+    def _operand(self, rng: random.Random) -> int:
+        if self.min_digits is None:
+            return rng.randint(0, 10**self.digits - 1)
+        length = rng.randint(self.min_digits, self.digits)
+        return rng.randint(0 if length == 1 else 10 ** (length - 1), 10**length - 1)
 
     def _generate(self, seed: int, count: int, exclude: set[str]) -> list[dict[str, Any]]:
         rng, out, seen = random.Random(seed), [], set(exclude)
