@@ -383,10 +383,10 @@ CURVE_KEYS = (
 
 
 def _write_json(path: Path, data: Any) -> None:
+    from dfpo.training.trainer import _write_json as write_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, data)
 
 
 def run_cell(spec: dict[str, Any]) -> None:
@@ -915,11 +915,6 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
     return [*lines, ""]
 
 
-def _smooth(values: list[float], window: int = 5) -> list[float]:
-    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-            for i in range(len(values))]  # fmt: skip
-
-
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -936,6 +931,8 @@ def _plot_curves(out: Path, cells: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from dfpo.training.report import _smooth
 
     for domain in sorted({c["domain"] for c in cells}):
         mine = [c for c in cells if c["domain"] == domain and c["curves"]]
