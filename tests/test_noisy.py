@@ -19,6 +19,8 @@ from dfpo.noisy import (
     SCALES,
     CellFailed,
     NoisyConfig,
+    _benchmark_examples,
+    _benchmark_task,
     _chosen_lrs,
     _grid_cells,
     equal_parameter_width,
@@ -88,6 +90,20 @@ def test_grid_cells_cover_every_combination_seed_by_seed():
     assert SCALES["smollm2"].peers("science") == ("science", "math")
     assert SCALES["smollm2"].peers("dialogue") == ("dialogue",)
     assert scale.peers("sub") == ("sub", "add")
+
+
+@pytest.mark.parametrize("scale", ["tiny", "smollm2"])
+def test_arithmetic_benchmarks_hold_their_full_budget_of_the_right_problems(scale):
+    # a benchmark filtered by a field must still have eval_limit examples, all of that kind
+    config = SCALES[scale]
+    for domain in config.domains.values():
+        for benchmark in domain.benchmarks:
+            if benchmark.task != "arithmetic":
+                continue
+            examples = _benchmark_examples(_benchmark_task(benchmark, config.model), benchmark, config.eval_limit)
+            assert len(examples) == config.eval_limit, benchmark.name
+            key, value = benchmark.where
+            assert {e[key] for e in examples} == {value}, benchmark.name
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,9 @@ class Arithmetic(Task):
         min_digits: ``None`` (default): each operand uniform in ``0 .. 10^digits - 1``; a number: each operand first
             draws its digit count uniformly from ``min_digits .. digits``, then a number of that many digits, so that
             short and long operands (easy and hard problems) are mixed evenly. Each problem records its longest
-            operand's digit count in ``digits``.
+            operand's digit count in ``digits``. Problems are distinct within and across the splits, so a small
+            class is used up fast: there are only 100 sums of two 1-digit numbers, the eval split takes its share
+            first, and the train split holds what is left.
         operators: characters from ``+-*``.
         eval_size: size of the held-out eval split.
         train_size: size of the train split returned by :meth:`examples` without a limit.
