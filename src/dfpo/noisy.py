@@ -748,7 +748,7 @@ def write_report(out: Path) -> dict[str, Any]:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if rows:
         _plot_curves(out, cells)
-        _plot_accuracy(out, rows)
+        _plot_accuracy(out, rows, base, scale)
     return {"cells": len(rows), "out": str(out)}
 
 
@@ -978,8 +978,9 @@ def _plot_curves(out: Path, cells: list[dict[str, Any]]) -> None:
         _save(fig, out / f"curves-{domain}.png")
 
 
-def _plot_accuracy(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Per training domain: ID and OOD average accuracy per supervision and variant, with 95% intervals."""
+def _plot_accuracy(out: Path, rows: list[dict[str, Any]], base: dict[str, Any] | None, scale: Scale) -> None:
+    """Per training domain: ID and OOD average accuracy per supervision and variant, with 95% intervals, and the
+    starting model's as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1007,6 +1008,10 @@ def _plot_accuracy(out: Path, rows: list[dict[str, Any]]) -> None:
             ax.set_xticks(range(len(noises)), noises, fontsize=8)
             ax.set_title(f"trained on {domain}: {column} (%)")
             lows = [100 * r[column] for r in mine if not math.isnan(r[column])]
+            if base is not None:
+                start = 100 * _averages(base, domain, scale)[column]
+                ax.axhline(start, color="black", linestyle="--", linewidth=1, label="starting model")
+                lows.append(start)
             if lows:
                 ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 10))
         axes[0][-1].legend(fontsize=7, ncol=2)
