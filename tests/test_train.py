@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from dfpo.cli import main
 from dfpo.config import ConfigError
+from dfpo.critics.value_flow import ValueFlowCritic
 from dfpo.training.algos import ALGOS
-from dfpo.training.config import build_config
+from dfpo.training.config import build_config, flow_loss_options
 from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged
 
 # Small enough for the test suite: 2 prompts x 2 samples, short replies, a few eval examples.
@@ -190,12 +191,25 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["task=dialogue", "noise=flip(0.1)"], "needs binary right/wrong rewards"),
         (["noise=reward_model"], "use it with task=dialogue"),
         (["kl.mode=sometimes"], "kl.mode='sometimes': valid values are reward, loss, none"),
+        (["critic.flow.coupling=sortd"], "critic.flow.coupling=sortd: valid values are sorted, independent"),
+        (["critic.flow.consistancy=none"], "critic.flow.consistancy: not an option of the flow critic; valid:"),
     ],
 )
 def test_refused_configs_name_the_key(args, message, tmp_path, capsys):
     assert main(["train", f"run_dir={tmp_path / 'r'}", "log.progress=false", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "latest").exists()
+
+
+def test_flow_options_none_means_off():
+    # the override parser reads "none" as null; the flow critic's string options take it as the string "none"
+    options = flow_loss_options(build_config(["critic.flow.consistency=none", "critic.flow.uncertainty_weight=none",
+                                              "critic.flow.anchor_weight=0.5"]).critic.flow)  # fmt: skip
+    assert options == {"consistency": "none", "uncertainty_weight": "none", "anchor_weight": 0.5}
+    critic = ValueFlowCritic(8, width=16)
+    loss, metrics = critic.loss(torch.randn(2, 3, 8), torch.randn(2, 3, 4), torch.ones(2, 3), **options)
+    assert torch.isfinite(loss) and "critic/consistency_loss" not in metrics
+    assert metrics["critic/uncertainty_weight"] == 1.0
 
 
 def test_yaml_config_precedence_and_errors(tmp_path, capsys):

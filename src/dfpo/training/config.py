@@ -197,6 +197,38 @@ def _one_of(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
         raise ConfigError(f"{key}={value!r}: valid values are {', '.join(valid)}")
 
 
+# keyword arguments of ValueFlowCritic.loss that the trainer sets itself
+_FLOW_RESERVED = ("self", "hidden", "target_samples", "mask", "anchor_samples", "risk_weight", "sample_steps")
+
+
+def flow_loss_options(flow: dict[str, Any]) -> dict[str, Any]:
+    """``critic.flow`` as keyword arguments of :meth:`ValueFlowCritic.loss`, checked: an unknown key or an invalid
+    choice is refused, naming the valid ones. The override parser reads ``none`` as null; a string option (such
+    as ``consistency``) gets the string ``"none"`` back."""
+    import inspect
+
+    from dfpo.critics import value_flow
+
+    params = inspect.signature(value_flow.ValueFlowCritic.loss).parameters
+    valid = [name for name in params if name not in _FLOW_RESERVED]
+    choices = {
+        "coupling": value_flow.COUPLINGS,
+        "uncertainty_weight": value_flow.UNCERTAINTY_WEIGHTS,
+        "anchor": value_flow.ANCHORS,
+        "consistency": value_flow.CONSISTENCIES,
+    }
+    out = {}
+    for key, value in flow.items():
+        if key not in valid:
+            raise ConfigError(f"critic.flow.{key}: not an option of the flow critic; valid: {', '.join(valid)}")
+        if value is None and isinstance(params[key].default, str):
+            value = "none"
+        if key in choices and value not in choices[key]:
+            raise ConfigError(f"critic.flow.{key}={value}: valid values are {', '.join(choices[key])}")
+        out[key] = value
+    return out
+
+
 def validate(c: TrainConfig) -> None:
     """Refuse settings that cannot train, naming the key and what would work."""
     import dfpo.tasks as tasks
@@ -253,6 +285,8 @@ def validate(c: TrainConfig) -> None:
         )
     if c.critic.kind in ("scalar", "ensemble") and "values" not in estimator_inputs:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
+    if c.critic.kind == "flow":
+        flow_loss_options(c.critic.flow)
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
     if c.critic.updates < 1:

@@ -58,7 +58,7 @@ from dfpo.rollout import forward_positions, prompt_features, prompt_groups, resp
 from dfpo.tasks.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.training import checkpoint as ckpt
-from dfpo.training.config import TrainConfig, changed_keys
+from dfpo.training.config import TrainConfig, changed_keys, flow_loss_options
 from dfpo.training.report import MetricsLog, write_report
 
 
@@ -185,6 +185,7 @@ class Trainer:
 
         self.modules: dict[str, nn.Module] = {}
         self.critic = self._build_critic()
+        self._flow_options = flow_loss_options(c.critic.flow) if c.critic.kind == "flow" else {}
         if self.critic is not None:
             self.modules["critic"] = self.critic
         self.trunk = None
@@ -722,7 +723,9 @@ class Trainer:
             return self.critic.loss(hidden, targets, mask, old_values=old, clip=k.value_clip or None)
         if k.kind == "quantile":
             return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight)
-        return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps, **k.flow)
+        return self.critic.loss(
+            hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps, **self._flow_options
+        )
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
