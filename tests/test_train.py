@@ -191,7 +191,7 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["task=dialogue", "noise=flip(0.1)"], "needs binary right/wrong rewards"),
         (["noise=reward_model"], "use it with task=dialogue"),
         (["kl.mode=sometimes"], "kl.mode='sometimes': valid values are reward, loss, none"),
-        (["critic.flow.coupling=sortd"], "critic.flow.coupling=sortd: valid values are sorted, independent"),
+        (["critic.flow.coupling=sortd"], "critic.flow.coupling='sortd': valid values are sorted, independent"),
         (["critic.flow.consistancy=none"], "critic.flow.consistancy: not an option of the flow critic; valid:"),
     ],
 )

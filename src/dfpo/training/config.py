@@ -223,8 +223,8 @@ def flow_loss_options(flow: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"critic.flow.{key}: not an option of the flow critic; valid: {', '.join(valid)}")
         if value is None and isinstance(params[key].default, str):
             value = "none"
-        if key in choices and value not in choices[key]:
-            raise ConfigError(f"critic.flow.{key}={value}: valid values are {', '.join(choices[key])}")
+        if key in choices:
+            _one_of(f"critic.flow.{key}", value, choices[key])
         out[key] = value
     return out
 
