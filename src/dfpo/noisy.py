@@ -928,11 +928,23 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
     return [*lines, ""]
 
 
+def _colors(variants: list[str]) -> dict[str, Any]:
+    """One distinct colour per variant (matplotlib's 10-colour cycle repeats beyond ten)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def _legend_beside(ax: Any) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight" keeps a legend placed beside the axes
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -953,8 +965,10 @@ def _plot_curves(out: Path, cells: list[dict[str, Any]]) -> None:
         if not noises:
             continue
         fig, axes = plt.subplots(1, len(noises), figsize=(4.2 * len(noises), 3.6), squeeze=False, sharey=True)
+        variants = _ordered(sorted({c["variant"] for c in mine}), [*MAIN_ALGOS, *ABLATIONS])
+        colors = _colors(variants)
         for ax, noise in zip(axes[0], noises, strict=True):
-            for variant in _ordered(sorted({c["variant"] for c in mine}), [*MAIN_ALGOS, *ABLATIONS]):
+            for variant in variants:
                 runs = [c for c in mine if c["noise"] == noise and c["variant"] == variant]
                 if not runs:
                     continue
@@ -962,18 +976,18 @@ def _plot_curves(out: Path, cells: list[dict[str, Any]]) -> None:
                 steps = [p["step"] for p in runs[0]["curves"][:length]]
                 series = [_smooth([p["reward/true"] for p in c["curves"][:length]]) for c in runs]
                 mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
-                (line,) = ax.plot(steps, mean, label=variant, lw=1.6 if variant == "dfpo" else 1.0)
+                ax.plot(steps, mean, label=variant, color=colors[variant], lw=1.6 if variant == "dfpo" else 1.0)
                 ax.fill_between(
                     steps,
                     [min(v) for v in zip(*series, strict=True)],
                     [max(v) for v in zip(*series, strict=True)],
-                    color=line.get_color(),
+                    color=colors[variant],
                     alpha=0.12,
                 )
             ax.set_title(f"trained on {domain}, {noise}")
             ax.set_xlabel("step")
         axes[0][0].set_ylabel("true training reward (5-step mean)")
-        axes[0][-1].legend(fontsize=7)
+        _legend_beside(axes[0][-1])
         fig.tight_layout()
         _save(fig, out / f"curves-{domain}.png")
 
@@ -991,9 +1005,9 @@ def _plot_accuracy(out: Path, rows: list[dict[str, Any]], base: dict[str, Any] |
         noises = _ordered(sorted({r["noise"] for r in mine}), ["clean", "flip(0.2)", "flip(0.4)", "pseudo_label(8)"])
         variants = _ordered(sorted({r["variant"] for r in mine}), [*MAIN_ALGOS, *ABLATIONS])
         columns = [c for c in ("ID AVG", "OOD AVG") if any(not math.isnan(r[c]) for r in mine)]
-        fig, axes = plt.subplots(1, len(columns), figsize=(max(6, 1.2 * len(noises) * len(variants) / 3), 3.8),
-                                 squeeze=False)  # fmt: skip
-        width = 0.8 / len(variants)
+        per_axis = max(4.5, 0.2 * len(noises) * len(variants) + 1.0)
+        fig, axes = plt.subplots(1, len(columns), figsize=(per_axis * len(columns), 3.8), squeeze=False)
+        width, colors = 0.8 / len(variants), _colors(variants)
         for ax, column in zip(axes[0], columns, strict=True):
             for j, variant in enumerate(variants):
                 xs, means, errors = [], [], []
@@ -1004,7 +1018,7 @@ def _plot_accuracy(out: Path, rows: list[dict[str, Any]], base: dict[str, Any] |
                         xs.append(i + (j - (len(variants) - 1) / 2) * width)
                         means.append(100 * interval.mean)
                         errors.append(0.0 if math.isnan(interval.half_width) else 100 * interval.half_width)
-                ax.bar(xs, means, width, yerr=errors, capsize=2, label=variant)
+                ax.bar(xs, means, width, yerr=errors, capsize=2, label=variant, color=colors[variant])
             ax.set_xticks(range(len(noises)), noises, fontsize=8)
             ax.set_title(f"trained on {domain}: {column} (%)")
             lows = [100 * r[column] for r in mine if not math.isnan(r[column])]
@@ -1014,7 +1028,7 @@ def _plot_accuracy(out: Path, rows: list[dict[str, Any]], base: dict[str, Any] |
                 lows.append(start)
             if lows:
                 ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(lows) + 10))
-        axes[0][-1].legend(fontsize=7, ncol=2)
+        _legend_beside(axes[0][-1])
         fig.tight_layout()
         _save(fig, out / f"accuracy-{domain}.png")
 
