@@ -171,9 +171,13 @@ def run_train(argv: list[str], command: str) -> dict[str, Any]:
         config_file, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
     config = build_config(argv, config_file)
     run_dir = config.resolved_run_dir
-    print(f"train: {config.algo} on {config.task} with {config.model}, noise {config.noise}, "
-          f"{config.steps} steps -> {run_dir}")  # fmt: skip
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the run
+    if main:
+        print(f"train: {config.algo} on {config.task} with {config.model}, noise {config.noise}, "
+              f"{config.steps} steps -> {run_dir}")  # fmt: skip
     evals = train(config, command)
+    if not main:
+        return evals
     for split, after in evals["after"].items():
         before = evals.get("before", {}).get(split, {}).get("accuracy")
         was = "n/a" if before is None else f"{before:.1%}"

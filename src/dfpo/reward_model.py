@@ -422,7 +422,9 @@ class RewardModelNoise:
             self._model = RewardModel.load(self.folder)
         return self._model
 
-    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+    def score(
+        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+    ) -> NoisyRewards:
         from dfpo.tasks.noise import NoisyRewards
 
         true = task.score_batch(completions, examples)

@@ -50,6 +50,31 @@ class Rollout:
         return self.input_ids.shape[1] - self.response_mask.shape[1]
 
 
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of ``parts`` in order: prompts left-padded and responses right-padded to the widest part,
+    ``prompt_index`` renumbered so that each part's prompts follow the previous part's."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.prompt_length for p in parts)
+    response_width = max(p.response_mask.shape[1] for p in parts)
+
+    def widen(x: Tensor, prompt: int, value: int, left: bool = True) -> Tensor:
+        pad = (prompt_width - prompt if left else 0, response_width - (x.shape[1] - prompt))
+        return torch.nn.functional.pad(x, pad, value=value)
+
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + int(p.prompt_index.max()) + 1)
+    return Rollout(
+        input_ids=torch.cat([widen(p.input_ids, p.prompt_length, pad_token_id) for p in parts]),
+        attention_mask=torch.cat([widen(p.attention_mask, p.prompt_length, 0) for p in parts]),
+        response_mask=torch.cat([widen(p.response_mask, 0, 0, left=False) for p in parts]),
+        prompt_index=torch.cat([p.prompt_index + o for p, o in zip(parts, offsets, strict=True)]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        completions=[c for p in parts for c in p.completions],
+    )
+
+
 def position_ids(attention_mask: Tensor) -> Tensor:
     """``[N, L]`` positions counted over real tokens only (0 at each sequence's first real token)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

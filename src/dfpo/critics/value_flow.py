@@ -9,6 +9,7 @@ coupling), which is what makes one step reproduce the whole distribution rather 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,22 @@ def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(valid)}")
 
 
+def _rand(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    uniform: Callable[[tuple[int, ...]], Tensor] | None,
+    device: torch.device | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """U(0, 1) draws of ``shape``: from ``uniform`` if given, else ``torch.rand`` with ``generator``."""
+    if uniform is None:
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    draws = uniform(shape)
+    if tuple(draws.shape) != tuple(shape):
+        raise ValueError(f"uniform({shape}) returned a tensor of shape {tuple(draws.shape)}")
+    return draws.to(device=device, dtype=dtype)
+
+
 def stratified_noise(
     shape: tuple[int, ...],
     num_samples: int,
@@ -37,16 +54,18 @@ def stratified_noise(
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    uniform: Callable[[tuple[int, ...]], Tensor] | None = None,
 ) -> Tensor:
     """Sorted Gaussian noise at stratified levels, ``[*shape, K]``.
 
     ``eps_k = std * Phi^-1(u_k)`` with ``u_k = (k + 1/2) / K`` (midpoints), or with ``jitter`` a uniform draw
     inside each stratum ``[k / K, (k + 1) / K)``, independently per position: still ascending in ``k``, so it keeps
-    the sorted coupling while covering the whole noise line during training.
+    the sorted coupling while covering the whole noise line during training. ``uniform(shape)``, if given, supplies
+    the U(0, 1) draws instead of ``torch.rand`` with ``generator``.
     """
     k = torch.arange(num_samples, device=device, dtype=dtype)
     if jitter:
-        offset = torch.rand((*shape, num_samples), generator=generator, device=device, dtype=dtype)
+        offset = _rand((*shape, num_samples), generator, uniform, device, dtype)
         u = (k + offset) / num_samples
     else:
         u = ((k + 0.5) / num_samples).expand(*shape, num_samples)
@@ -215,6 +234,7 @@ class ValueFlowCritic(nn.Module):
         shift_weight: float = 0.0,
         curvature_weight: float = 0.0,
         generator: torch.Generator | None = None,
+        uniform: Callable[[tuple[int, ...]], Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The critic's training loss.
 
@@ -242,6 +262,10 @@ class ValueFlowCritic(nn.Module):
             target_samples: ``[..., K]`` target return samples (distributional GAE), no grad; any ``K >= 2``.
             mask: ``[...]`` 1 on positions that count.
             anchor_samples: ``[..., K]`` for ``anchor="td"``.
+            generator: the generator of the loss's random draws (flow-matching times, noise jitter).
+            uniform: ``uniform(shape) -> Tensor`` of U(0, 1) draws, used instead of ``generator`` for every draw:
+                a trainer that splits a batch over processes passes draws keyed by each row's place in the global
+                batch, so that the loss does not depend on the split.
         Returns:
             ``(loss, metrics)`` with ``critic/loss``, each term, ``critic/value_mean``, ``critic/dist_std``,
             ``critic/cvar`` (CVaR at ``risk_alpha``), ``critic/explained_var``, ``critic/uncertainty_weight``.
@@ -273,7 +297,8 @@ class ValueFlowCritic(nn.Module):
         else:
             weight = None
 
-        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, generator)
+        draws = (generator, uniform)
+        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, draws)
         total = cfm
         metrics: dict[str, float] = {"critic/cfm_loss": float(cfm.detach())}
 
@@ -284,13 +309,13 @@ class ValueFlowCritic(nn.Module):
             anchor_loss, _ = quantile_huber(one_step, targets, mask, kappa=anchor_kappa, taus=levels)
         elif anchor == "td":
             anchor_targets = anchor_samples.detach() / self.return_scale
-            anchor_loss, _ = self._flow_matching(cond, anchor_targets, mask, weight, coupling, noise_jitter, generator)
+            anchor_loss, _ = self._flow_matching(cond, anchor_targets, mask, weight, coupling, noise_jitter, draws)
         if anchor != "none":
             total = total + anchor_weight * anchor_loss
             metrics["critic/anchor_loss"] = float(anchor_loss.detach())
 
         if consistency != "none":
-            geo = self._consistency(consistency, eps_mid, one_step, cond, consistency_steps, generator)
+            geo = self._consistency(consistency, eps_mid, one_step, cond, consistency_steps, draws)
             geo = masked_mean(geo, mask)
             total = total + consistency_weight * geo
             metrics["critic/consistency_loss"] = float(geo.detach())
@@ -326,18 +351,24 @@ class ValueFlowCritic(nn.Module):
         weight: Tensor | None,
         coupling: str,
         jitter: bool,
-        generator: torch.Generator | None,
+        draws: tuple[torch.Generator | None, Callable[[tuple[int, ...]], Tensor] | None],
     ) -> tuple[Tensor, dict[str, float]]:
         shape, num_samples = tuple(targets.shape[:-1]), targets.shape[-1]
+        generator, uniform = draws
         kw = {"device": targets.device, "dtype": targets.dtype}
+        full = (*shape, num_samples)
         if coupling == "sorted":
-            eps = stratified_noise(shape, num_samples, self.noise_std, jitter=jitter, generator=generator, **kw)
+            eps = stratified_noise(shape, num_samples, self.noise_std, jitter, generator, uniform=uniform, **kw)
             x1 = torch.sort(targets, dim=-1).values
         else:
-            eps = self.noise_std * torch.randn((*shape, num_samples), generator=generator, **kw)
-            order = torch.rand((*shape, num_samples), generator=generator, **kw).argsort(-1)
+            if uniform is None:
+                eps = self.noise_std * torch.randn(full, generator=generator, **kw)
+            else:  # Gaussian by the inverse CDF of the given uniform draws
+                u = _rand(full, generator, uniform, **kw).clamp(1e-6, 1.0 - 1e-6)
+                eps = self.noise_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+            order = _rand(full, generator, uniform, **kw).argsort(-1)
             x1 = targets.gather(-1, order)
-        tau = torch.rand((*shape, num_samples), generator=generator, **kw)
+        tau = _rand(full, generator, uniform, **kw)
         x_tau = (1.0 - tau) * eps + tau * x1
         return flow_matching(self.velocity(x_tau, tau, cond), x1 - eps, mask, weight)
 
@@ -348,7 +379,7 @@ class ValueFlowCritic(nn.Module):
         one_step: Tensor,
         cond: Tensor,
         steps: int,
-        generator: torch.Generator | None,
+        draws: tuple[torch.Generator | None, Callable[[tuple[int, ...]], Tensor] | None],
     ) -> Tensor:
         """Per-token geometric consistency ``[...]`` (see :meth:`loss`)."""
         if form == "endpoint":
@@ -356,6 +387,6 @@ class ValueFlowCritic(nn.Module):
                 solution = self._integrate(eps, cond.detach(), steps, "euler")
             return ((one_step - solution) ** 2).mean(-1)
         v0 = one_step - eps
-        tau = torch.rand(eps.shape, generator=generator, device=eps.device, dtype=eps.dtype)
+        tau = _rand(tuple(eps.shape), *draws, device=eps.device, dtype=eps.dtype)
         v_tau = self.velocity(eps + tau * v0.detach(), tau, cond)
         return ((v_tau - v0) ** 2).mean(-1)

@@ -5,9 +5,10 @@ only on ``(seed, step, i)``, so a resumed run sees exactly the noise it would ha
 observed and the true rewards and the realised noise rate, so a run always logs both. Noise is applied to training
 rewards only, never to evaluation.
 
-Every noise model scores a batch the same way, ``noise.score(task, completions, examples, step) ->
-NoisyRewards``: the true reward is always ``task.score`` against the gold answer. ``flip`` and ``gaussian``
-perturb that reward; ``pseudo_label(n)`` scores against the majority vote of n samples of the starting policy
+Every noise model scores a batch the same way, ``noise.score(task, completions, examples, step, first=0) ->
+NoisyRewards`` (``first``: where this batch starts in the step's whole batch, when processes share a step): the
+true reward is always ``task.score`` against the gold answer. ``flip`` and ``gaussian`` perturb that reward;
+``pseudo_label(n)`` scores against the majority vote of n samples of the starting policy
 (:class:`PseudoLabel`). A ``None`` reward (a user reward that skips a sample) stays ``None``.
 
 ``reward_model`` scores with a learned reward model (:mod:`dfpo.reward_model`, for the dialogue task).
@@ -44,8 +45,11 @@ class NoisyRewards:
 class NoiseModel(Protocol):
     name: str
 
-    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
-        """Observed and true rewards of ``completions`` (one example each) at training step ``step``."""
+    def score(
+        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+    ) -> NoisyRewards:
+        """Observed and true rewards of ``completions`` (one example each) at training step ``step``; ``first`` is
+        the index of the first completion in the step's whole batch (a process's share starts there)."""
         ...
 
 
@@ -53,22 +57,33 @@ class RewardNoise(ABC):
     """Noise applied to the true reward itself: subclasses implement ``__call__(true_rewards, step)``."""
 
     @abstractmethod
-    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
-        """Observed rewards for ``true_rewards`` (none of them ``None``) at training step ``step``."""
+    def __call__(self, true_rewards: list[float], step: int, index: list[int] | None = None) -> NoisyRewards:
+        """Observed rewards for ``true_rewards`` (none of them ``None``) at training step ``step``; ``index`` gives
+        each reward's sample index in the step's batch, whose draw it gets (default ``0, 1, ...``)."""
 
-    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+    def score(
+        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+    ) -> NoisyRewards:
         true = task.score_batch(completions, examples)
         kept = [i for i, r in enumerate(true) if r is not None]
-        noisy = self([true[i] for i in kept], step)
+        noisy = self([true[i] for i in kept], step, [first + i for i in kept])
         observed: list[float | None] = [None] * len(true)
         for i, value in zip(kept, noisy.observed, strict=True):
             observed[i] = value
         return NoisyRewards(observed, true, noisy.rate)
 
 
-def _generator(seed: int, step: int) -> torch.Generator:
-    # A distinct, reproducible stream per (seed, step).
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+def _draws(kind: str, seed: int, step: int, index: list[int] | None, n: int) -> torch.Tensor:
+    """Draw ``index[j]`` of a distinct, reproducible stream per ``(seed, step)``, for ``j < n``: uniform or normal."""
+    index = list(range(n)) if index is None else index
+    if len(index) != n:
+        raise ValueError(f"index has {len(index)} entries for {n} rewards")
+    if not index:
+        return torch.zeros(0)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    if kind == "uniform":
+        return torch.rand(max(index) + 1, generator=g)[index]
+    return torch.randn(max(index) + 1, generator=g, dtype=torch.float64)[index]
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class Clean(RewardNoise):
     seed: int = 0
     name: str = "clean"
 
-    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
+    def __call__(self, true_rewards: list[float], step: int, index: list[int] | None = None) -> NoisyRewards:
         return NoisyRewards(list(true_rewards), list(true_rewards), 0.0)
 
 
@@ -94,14 +109,14 @@ class Flip(RewardNoise):
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"flip(p) needs 0 <= p <= 1, got p={self.p}")
 
-    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
+    def __call__(self, true_rewards: list[float], step: int, index: list[int] | None = None) -> NoisyRewards:
         bad = [(i, r) for i, r in enumerate(true_rewards) if r not in (0.0, 1.0)]
         if bad:
             i, r = bad[0]
             raise ValueError(
                 f"flip noise needs binary rewards (0 or 1), got {r} at index {i}; use gaussian(sigma) for graded scores"
             )
-        flips = torch.rand(len(true_rewards), generator=_generator(self.seed, step)) < self.p
+        flips = _draws("uniform", self.seed, step, index, len(true_rewards)) < self.p
         observed = [1.0 - r if f else r for r, f in zip(true_rewards, flips.tolist(), strict=True)]
         rate = float(flips.float().mean()) if len(true_rewards) else 0.0
         return NoisyRewards(observed, list(true_rewards), rate)
@@ -119,8 +134,8 @@ class Gaussian(RewardNoise):
         if self.sigma < 0:
             raise ValueError(f"gaussian(sigma) needs sigma >= 0, got {self.sigma}")
 
-    def __call__(self, true_rewards: list[float], step: int) -> NoisyRewards:
-        noise = self.sigma * torch.randn(len(true_rewards), generator=_generator(self.seed, step), dtype=torch.float64)
+    def __call__(self, true_rewards: list[float], step: int, index: list[int] | None = None) -> NoisyRewards:
+        noise = self.sigma * _draws("normal", self.seed, step, index, len(true_rewards))
         observed = [r + n for r, n in zip(true_rewards, noise.tolist(), strict=True)]
         rate = float(noise.pow(2).mean().sqrt()) if len(true_rewards) else 0.0
         return NoisyRewards(observed, list(true_rewards), rate)
@@ -190,7 +205,9 @@ class PseudoLabel:
         count = max(1, len(examples))
         return labelled, {"accuracy": right / count, "abstain_rate": missing / count, "agreement": agreement / count}
 
-    def score(self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int) -> NoisyRewards:
+    def score(
+        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+    ) -> NoisyRewards:
         if examples and "pseudo_answer" not in examples[0]:
             raise ValueError("pseudo_label noise scores against pseudo-labels: call PseudoLabel.label on the examples")
         true = task.score_batch(completions, examples)

@@ -32,7 +32,13 @@ class RolloutOptions:
     temperature: float = option(0.7, "sampling temperature (log-probs are those of the tempered distribution)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     mask_truncated: bool = option(False, "give responses cut at max_new_tokens no weight in any loss")
-    batch_size: int = option(64, "sequences per generate call and per no-grad scoring forward")
+    batch_size: int = option(64, "sequences per no-grad scoring forward")
+    generate_prompts: int = option(
+        0,
+        "prompts per generate call (0: each process's whole share in one call); each call samples from its own "
+        "stream, seeded by (seed, step, call), so a step's rollouts are the same for any number of processes whose "
+        "shares this divides",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,10 @@ def validate(c: TrainConfig) -> None:
         "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
         "eval.limit": c.eval.limit,
     }  # fmt: skip
+    if c.rollout.generate_prompts < 0:
+        raise ConfigError(
+            f"rollout.generate_prompts={c.rollout.generate_prompts}: must be 0 (all at once) or at least 1"
+        )
     if c.actor.checkpoint_prompts < 0:
         raise ConfigError(f"actor.checkpoint_prompts={c.actor.checkpoint_prompts}: must be 0 (off) or at least 1")
     for key, value in positive.items():

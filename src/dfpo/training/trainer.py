@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as transformers_logging
 
+from dfpo import distributed
 from dfpo.config import ConfigError
 from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
@@ -54,7 +55,16 @@ from dfpo.core.masked import masked_mean, masked_whiten
 from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import load_model
-from dfpo.rollout import forward_positions, prompt_features, prompt_groups, response_forward, sample, trunk_hidden
+from dfpo.rollout import (
+    Rollout,
+    concat_rollouts,
+    forward_positions,
+    prompt_features,
+    prompt_groups,
+    response_forward,
+    sample,
+    trunk_hidden,
+)
 from dfpo.tasks.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.training import checkpoint as ckpt
@@ -111,6 +121,28 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _stream_seed(seed: int, step: int, *key: int) -> int:
+    """The seed of a random stream of its own for one use in one step (a generate call, a minibatch order, a
+    loss's draws), so that what a step draws does not depend on how its batch is split over processes or calls."""
+    value = seed * 1_000_003 + step
+    for k in key:
+        value = value * 1_000_033 + k + 1
+    return value % 2**63
+
+
+class _NoLog:
+    """What a process other than rank 0 logs: nothing (rank 0 writes the run's files)."""
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def samples(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _signal_share(observed: Tensor, true: Tensor) -> float:
     """The share of the observed reward's variance that the true reward explains, ``corr(observed, true)^2``
     over a step's samples: the ceiling of a critic's explained variance at the last token when the noise is
@@ -149,6 +181,11 @@ class Trainer:
     def __init__(self, config: TrainConfig, command: str = "dfpo train") -> None:
         self.config, self.command = config, command
         c = config
+        self.world = distributed.setup()
+        try:
+            self.world.shard(c.rollout.prompts)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         transformers_logging.disable_progress_bar()  # per-load bars would bury the training's own
         if c.threads > 0:
             torch.set_num_threads(c.threads)
@@ -209,13 +246,17 @@ class Trainer:
             self.step, self.bad_steps = state["step"], state["bad_steps"]
             self.data.epoch, self.data.position = state["data"]["epoch"], state["data"]["position"]
             self.pseudo_labels = state.get("pseudo_labels", {})
-        self.log = MetricsLog(self.run_dir, c.log, truncate_after=self.step if state else 0)
+        distributed.broadcast_parameters([self.policy, *self.modules.values()], self.world)
+        truncate = self.step if state else 0
+        self.log = MetricsLog(self.run_dir, c.log, truncate_after=truncate) if self.world.main else _NoLog()
         self._last_samples: list[dict[str, Any]] = []
         # a bf16 copy of the policy samples the rollouts (refreshed after every update)
         self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if self.bf16 else None
         batch = c.rollout.prompts * c.rollout.samples
         self.fused = c.actor.epochs == 1 and c.actor.minibatches == 1 and c.actor.micro_batch in (0, batch)
         self._policy_out: tuple[Tensor, Tensor | None] | None = None
+        # the step's global batch shape [N, R], this rank's rows, and the key of the critic loss's draws
+        self._global_shape, self._local_rows, self._draw_key = (0, 0), 0, 0
 
     # -- construction ----------------------------------------------------------------------------------------
 
@@ -311,24 +352,27 @@ class Trainer:
         """Train to ``config.steps``, evaluating before (on a fresh run) and after; returns the run summary."""
         from tqdm import tqdm
 
-        c = self.config
+        c, main = self.config, self.world.main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         eval_path = self.run_dir / "eval.json"
         evals = json.loads(eval_path.read_text()) if self.resume_from and eval_path.exists() else {}
-        if self.resume_from is None:
-            record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed}
+        if self.resume_from is None and main:
+            record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed,
+                      "processes": self.world.size}  # fmt: skip
             _write_json(self.run_dir / "train_config.json", record)
             evals = {"before": self.evaluate()}
         # a resumed run forgets evaluations made after its checkpoint, as metrics.jsonl does
         evals["history"] = [h for h in evals.get("history", []) if h["step"] <= self.step]
-        _write_json(eval_path, evals)
+        if main:
+            _write_json(eval_path, evals)
         start = time.perf_counter()
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.log.progress, file=sys.stderr, desc=c.algo,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.log.progress and main), file=sys.stderr,
+                   desc=c.algo, dynamic_ncols=True)  # fmt: skip
         while self.step < c.steps:
             self.step += 1
             metrics = self.train_step()
-            if (c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps:
+            # rank 0 evaluates (on a forked random stream); the others go on to the next step's collectives
+            if main and ((c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps):
                 result = self.evaluate()
                 evals["history"].append({"step": self.step, **result})
                 _write_json(eval_path, evals)
@@ -354,15 +398,26 @@ class Trainer:
             if due and not self.bad_steps:  # a checkpoint is only ever written after a good step
                 self.save()
         bar.close()
+        self.log.close()
+        if not main:
+            return evals
         last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
         evals["after"] = {k: v for k, v in last.items() if k != "step"}
         evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
         _write_json(eval_path, evals)
-        self.log.close()
         write_report(self.run_dir, c, evals)
         return evals
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (every rank holds the same weights, optimizer states and random stream);
+        the others wait for it, so that a checkpoint is complete before any rank goes on."""
+        path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        if self.world.main:
+            path = self._save()
+        distributed.barrier(self.world)
+        return path
+
+    def _save(self) -> Path:
         state = {
             "config": dataclasses.asdict(self.config),
             "data": self.data.state(),
@@ -377,23 +432,24 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        c, step = self.config, self.step
+        c, step, world = self.config, self.step, self.world
         times: dict[str, float] = {}
         t = time.perf_counter()
-        examples = [self.train[i] for i in self.data.take(c.rollout.prompts)]
+        # every rank draws the step's global prompts and answers its contiguous share of them
+        first, stop = world.shard(c.rollout.prompts)
+        examples = [self.train[i] for i in self.data.take(c.rollout.prompts)][first:stop]
         if isinstance(self.noise, PseudoLabel):
             examples = self._pseudo_label(examples)
         prompts = [render_prompt(self.tokenizer, self.task.messages(e)) for e in examples]
         self.policy.eval()
-        rollout = sample(self.rollout_policy or self.policy, self.tokenizer, prompts, c.rollout.samples,
-                         c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p)  # fmt: skip
+        rollout = self._sample(prompts, first)
         times["generate"] = time.perf_counter() - t
 
         # rewards: the learner sees the observed one; the true one is logged beside it
         t = time.perf_counter()
         group = rollout.prompt_index
         per_seq = [examples[i] for i in group.tolist()]
-        noisy = self.noise.score(self.task, rollout.completions, per_seq, step)
+        noisy = self.noise.score(self.task, rollout.completions, per_seq, step, first * c.rollout.samples)
         kept = torch.tensor([o is not None for o in noisy.observed])
         scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32)
         true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32)
@@ -411,31 +467,41 @@ class Trainer:
         batch = self._score_rollout(ids, attn, width, rollout.prompt_length)
         times["score"] = time.perf_counter() - t
 
-        # per-token rewards and advantages
+        # per-token rewards and advantages, over the global batch: with several processes, every rank gathers
+        # the per-token tensors of all ranks, computes what one process would, and keeps its own rows
         last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
         rewards = scores[:, None] * last
+        if self.ref is not None and c.kl.mode == "reward":
+            rewards = rewards - c.kl.coef * kl_estimate(batch["old_logp"], batch["ref_logp"], c.kl.estimator) * mask
+        lengths = rollout.response_mask.sum(-1).float()
+        local = {"rewards": rewards, "mask": mask, "scores": scores, "true": true, "kept": kept.float(),
+                 "group": group + first, "lengths": lengths, "truncated": rollout.truncated.float()}  # fmt: skip
+        local.update({k: batch[k] for k in ("old_logp", "ref_logp", "values", "samples", "ensemble") if k in batch})
+        g = {k: distributed.gather_rows(v, world) for k, v in local.items()}
+        g_mask = g["mask"]
         metrics: dict[str, float] = {}
         if self.ref is not None:
-            metrics.update(kl_metrics(batch["old_logp"], batch["ref_logp"], mask))
-            if c.kl.mode == "reward":
-                rewards = rewards - c.kl.coef * kl_estimate(batch["old_logp"], batch["ref_logp"], c.kl.estimator) * mask
+            metrics.update(kl_metrics(g["old_logp"], g["ref_logp"], g_mask))
         adv, returns, adv_metrics = advantage_estimators.compute(
-            c.advantage.estimator, rewards=rewards, values=batch.get("values"), samples=batch.get("samples"),
-            scores=scores, mask=mask, group=group, gamma=c.advantage.gamma, lam=c.advantage.lam,
+            c.advantage.estimator, rewards=g["rewards"], values=g.get("values"), samples=g.get("samples"),
+            scores=g["scores"], mask=g_mask, group=g["group"], gamma=c.advantage.gamma, lam=c.advantage.lam,
         )  # fmt: skip
         metrics.update(adv_metrics)
         if adv.dim() == 3:  # distributional: per-sample advantages; the actor uses their mean
-            batch["targets"], adv = returns, adv.mean(-1)
+            targets, adv = returns, adv.mean(-1)
         elif c.critic.kind == "ensemble":
-            batch["targets"] = pessimistic_targets(rewards, batch["ensemble"], mask, c.advantage.gamma,
-                                                   c.advantage.lam, c.critic.pessimism)  # fmt: skip
+            targets = pessimistic_targets(g["rewards"], g["ensemble"], g_mask, c.advantage.gamma, c.advantage.lam,
+                                          c.critic.pessimism)  # fmt: skip
         else:
-            batch["targets"] = returns
+            targets = returns
         if c.actor.whiten:
-            adv = masked_whiten(adv, mask)
-        batch.update(ids=ids, attn=attn, mask=mask, adv=adv)
+            adv = masked_whiten(adv, g_mask)
+        rows = slice(world.rank * len(mask), (world.rank + 1) * len(mask))
+        self._global_shape, self._local_rows, self._draw_key = tuple(g_mask.shape), len(mask), 0
+        batch.update(ids=ids, attn=attn, mask=mask, adv=adv[rows, :width], targets=targets[rows, :width],
+                     global_mask=g_mask)  # fmt: skip
         if c.actor.loss == "flowrl":
-            batch["seq_reward"] = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+            batch["seq_reward"] = ((adv * g_mask).sum(-1) / g_mask.sum(-1).clamp_min(1.0))[rows]
 
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width)
@@ -447,27 +513,29 @@ class Trainer:
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(update_metrics)
 
-        lengths = rollout.response_mask.sum(-1).float()
-        tokens = float(attn.sum())
+        # rank 0's times, for the global batch (every rank works on its share at the same time)
+        tokens = distributed.sum_scalar(float(attn.sum()), world)
+        kept, scores, true, lengths = g["kept"].bool(), g["scores"], g["true"], g["lengths"]
+        noise_rate = distributed.mean_metrics({"rate": noisy.rate}, world)["rate"]
         metrics.update({
             "step": step,
             "data/epoch": self.data.epoch,
             "reward/observed": float(scores[kept].mean()) if kept.any() else 0.0,
             "reward/true": float(true[kept].mean()) if kept.any() else 0.0,
             "reward/observed_std": float(scores[kept].std()) if kept.sum() > 1 else 0.0,
-            "reward/noise_rate": noisy.rate,
+            "reward/noise_rate": noise_rate,
             "reward/signal_share": _signal_share(scores[kept], true[kept]),
-            "reward/prompt_share": _prompt_share(scores[kept], group[kept]),
+            "reward/prompt_share": _prompt_share(scores[kept], g["group"][kept]),
             "reward/skipped": float((~kept).sum()),
             "response_length/mean": float(lengths.mean()),
             "response_length/max": float(lengths.max()),
             "response_length/min": float(lengths.min()),
-            "response_length/clip_ratio": float(rollout.truncated.float().mean()),
+            "response_length/clip_ratio": float(g["truncated"].mean()),
             "train/skipped_update": float(skipped),
             "perf/generate_tokens_per_s": float(lengths.sum()) / max(times["generate"], 1e-9),
             "perf/score_tokens_per_s": tokens / max(times["score"], 1e-9),
             "perf/update_tokens_per_s": tokens * c.actor.epochs / max(times["update"], 1e-9),
-            "perf/forward_positions": float(forward_positions(ids, attn, width)),
+            "perf/forward_positions": distributed.sum_scalar(float(forward_positions(ids, attn, width)), world),
             "perf/step_s": sum(times.values()),
             **{f"perf/{k}_s": v for k, v in times.items()},
         })  # fmt: skip
@@ -482,6 +550,22 @@ class Trainer:
         if c.log.samples_every and step % c.log.samples_every == 0:
             self.log.samples(self._last_samples)
         return metrics
+
+    def _sample(self, prompts: list[str], first: int) -> Rollout:
+        """``rollout.samples`` responses to each of ``prompts`` (the step's prompts ``first``, ``first + 1``, ...),
+        ``rollout.generate_prompts`` prompts per generate call, each call on its own stream seeded by the seed, the
+        step and the position of its first prompt in the step: the main random stream is left as it was."""
+        c = self.config
+        chunk = c.rollout.generate_prompts or len(prompts)
+        model = self.rollout_policy or self.policy
+        device = next(model.parameters()).device
+        parts = []
+        for start in range(0, len(prompts), chunk):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(_stream_seed(c.seed, self.step, 0, first + start))
+                parts.append(sample(model, self.tokenizer, prompts[start : start + chunk], c.rollout.samples,
+                                    c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p))  # fmt: skip
+        return concat_rollouts(parts, self.tokenizer.pad_token_id)
 
     def _pseudo_label(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Examples with their pseudo-label: the majority vote of the *starting* policy (the reference model),
@@ -499,6 +583,9 @@ class Trainer:
                 self.pseudo_labels[json.dumps(e["prompt"], sort_keys=True)] = {
                     "answer": e["pseudo_answer"], "right": bool(right)
                 }  # fmt: skip
+        if self.world.active:  # every rank keeps every label: any rank may draw the example later, rank 0 saves them
+            for labels in distributed.gather_objects(self.pseudo_labels, self.world):
+                self.pseudo_labels.update(labels)
         return [{**e, "pseudo_answer": self.pseudo_labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
 
     @property
@@ -575,39 +662,49 @@ class Trainer:
         """PPO epochs over minibatches; returns the mean metrics and whether any minibatch was skipped."""
         c = self.config
         actor_active = self.critic is None or self.step > c.critic.warmup_steps
-        n = batch["ids"].shape[0]
+        local = batch["ids"].shape[0]
+        offset, n = self.world.rank * local, self.world.size * local
         size = n // c.actor.minibatches
         micro = c.actor.micro_batch or size
         records: list[dict[str, float]] = []
         skipped = False
         self.policy.train()
-        for _ in range(c.actor.epochs):
-            for rows in torch.randperm(n).split(size):
+        for epoch in range(c.actor.epochs):
+            # the same permutation of the global batch on every rank; each rank runs its own rows of each minibatch
+            stream = torch.Generator().manual_seed(_stream_seed(c.seed, self.step, 1, epoch))
+            order = torch.randperm(n, generator=stream)
+            for rows in order.split(size):
                 # in row order, micro-batches hold the answers to one prompt together (it then runs once); the
                 # minibatch's gradient is the same whatever its micro-batches
                 rows = rows.sort().values
-                record, ok = self._minibatch(batch, rows, micro, width, actor_active)
+                tokens = batch["global_mask"][rows].sum().clamp_min(1.0)
+                mine = rows[(rows >= offset) & (rows < offset + local)] - offset
+                self._draw_key += 1  # the critic loss's draws in this minibatch
+                record, ok = self._minibatch(batch, mine, len(rows), tokens, micro, width, actor_active)
                 records.append(record)
                 skipped |= not ok
         self.policy.eval()
-        out = _mean_metrics(records)
+        out = distributed.mean_metrics(_mean_metrics(records), self.world)
         out["actor/lr"] = self.optimizers["actor_schedule"].get_last_lr()[0]
         out["actor/active"] = float(actor_active)
         return out, skipped
 
     def _minibatch(
-        self, batch: dict[str, Tensor], rows: Tensor, micro: int, width: int, actor_active: bool
-    ) -> tuple[dict[str, float], bool]:
+        self, batch: dict[str, Tensor], rows: Tensor, count: int, tokens: Tensor, micro: int, width: int,
+        actor_active: bool,
+    ) -> tuple[dict[str, float], bool]:  # fmt: skip
+        """One optimizer step on a minibatch of ``count`` sequences and ``tokens`` response tokens (over all
+        ranks), of which this rank holds ``rows``: each micro-batch's loss is scaled by its share of the minibatch,
+        so the gradients summed over micro-batches and ranks are those of the whole minibatch's loss."""
         c = self.config
         self.actor_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
             self.critic_opt.zero_grad(set_to_none=True)
-        tokens = batch["mask"][rows].sum().clamp_min(1.0)
         records = []
         total_loss = 0.0
         for part in rows.split(micro):
             token_frac = float(batch["mask"][part].sum() / tokens)
-            seq_frac = len(part) / len(rows)
+            seq_frac = len(part) / count
             loss, record = self._losses(batch, part, width, actor_active, token_frac, seq_frac)
             if loss.requires_grad:
                 loss.backward()
@@ -615,9 +712,11 @@ class Trainer:
             records.append(record)
         record = _mean_metrics(records)
         actor_params = [p for g in self.actor_opt.param_groups for p in g["params"]]
+        critic_params = [p for g in self.critic_opt.param_groups for p in g["params"]] if self.critic_opt else []
+        distributed.sum_gradients(actor_params + critic_params, self.world)
+        total_loss = distributed.sum_scalar(total_loss, self.world)
         norms = {"actor/grad_norm": self._clip(actor_params, c.actor.grad_clip)}
         if self.critic_opt is not None:
-            critic_params = [p for g in self.critic_opt.param_groups for p in g["params"]]
             norms["critic/grad_norm"] = self._clip(critic_params, c.critic.grad_clip)
         record.update(norms)
         if not math.isfinite(total_loss) or not all(math.isfinite(v) for v in norms.values()):
@@ -636,20 +735,24 @@ class Trainer:
         """``steps`` more critic gradient steps on the whole batch, from the frozen features saved while scoring
         (the critic's targets stay those of this step). Returns the loss and explained variance after them."""
         rows = torch.arange(batch["mask"].shape[0])
+        share = float(batch["mask"].sum() / batch["global_mask"].sum().clamp_min(1.0))  # of the global batch
         record: dict[str, float] = {}
         for _ in range(steps):
+            self._draw_key += 1
             self.critic_opt.zero_grad(set_to_none=True)
             loss, record = self._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"])
-            loss.backward()
+            (loss * share).backward()
             params = [p for g in self.critic_opt.param_groups for p in g["params"]]
+            distributed.sum_gradients(params, self.world)
+            loss = torch.tensor(distributed.sum_scalar(float(loss.detach()) * share, self.world))
             norm = self._clip(params, self.config.critic.grad_clip)
             if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
                 break  # a non-finite step is not taken; the next training step tries again
             self.critic_opt.step()
-        return {
+        return distributed.mean_metrics({
             "critic/extra_steps_loss": record.get("critic/loss", record.get("critic/vf_loss", float("nan"))),
             "critic/extra_steps_explained_var": record.get("critic/explained_var", float("nan")),
-        }
+        }, self.world)  # fmt: skip
 
     @staticmethod
     def _clip(params: list[Tensor], max_norm: float) -> float:
@@ -724,8 +827,23 @@ class Trainer:
         if k.kind == "quantile":
             return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight)
         return self.critic.loss(
-            hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps, **self._flow_options
-        )
+            hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps,
+            uniform=self._keyed_uniform(part), **self._flow_options,
+        )  # fmt: skip
+
+    def _keyed_uniform(self, part: Tensor) -> Any:
+        """U(0, 1) draws for the flow critic's loss on this rank's rows ``part``: each draw is made for the whole
+        global batch ``[N, R, ...]`` from a stream of its own (step, minibatch, draw) and this rank's rows and
+        response width are kept, so the loss is the same however the batch is split over processes."""
+        n, width = self._global_shape
+        rows = part + self.world.rank * self._local_rows
+        key, calls = self._draw_key, iter(range(1 << 30))
+
+        def uniform(shape: tuple[int, ...]) -> Tensor:
+            g = torch.Generator().manual_seed(_stream_seed(self.config.seed, self.step, 2, key, next(calls)))
+            return torch.rand((n, width, *shape[2:]), generator=g)[rows, : shape[1]]
+
+        return uniform
 
     # -- evaluation ------------------------------------------------------------------------------------------
 
