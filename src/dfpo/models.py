@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,9 @@ def smollm2_dir() -> Path:
     return dest
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a folder of peft LoRA adapters
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A model folder from a name (``tiny``, ``smollm2``), a local Hugging Face causal-LM folder, or a ``dfpo train``
     run folder (its latest checkpoint's policy)."""
@@ -89,7 +94,7 @@ def resolve_model(name_or_path: str) -> Path:
     if (path / "latest").is_file() and (path / "checkpoints").is_dir():
         # a dfpo train run folder: its latest checkpoint's policy
         path = path / "checkpoints" / (path / "latest").read_text().strip() / "policy"
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or (path / ADAPTER_CONFIG).exists():
         return path
     raise MissingAssetError(
         f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}) nor a folder with a config.json "
@@ -101,15 +106,54 @@ def load_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for generation and training, loaded offline.
 
     The tokenizer pads on the left (generation appends on the right) and pads with the end-of-sequence token when
-    the model defines no pad token.
+    the model defines no pad token. A folder of LoRA adapters (a checkpoint of a run with ``actor.lora_rank``)
+    loads its base model and merges the adapters into it.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+    if (folder / ADAPTER_CONFIG).exists() and not (folder / "config.json").exists():
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise MissingAssetError(
+                f"{folder} holds LoRA adapters whose base model ({base!r}) is not a local folder: load the base "
+                "model and the adapters with peft.PeftModel.from_pretrained, or train with the base model in place"
+            )
+        model = load_adapters(load_model(base, dtype)[0], folder, trainable=False).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def add_lora(model: Any, rank: int, alpha: float = 0.0, targets: str = "all-linear", causal: bool = True) -> Any:
+    """``model`` with trainable LoRA adapters of rank ``rank`` (peft) on ``targets`` and every other weight frozen.
+
+    ``alpha`` 0 means twice the rank; ``targets`` is ``all-linear`` (every linear layer but the output layer) or
+    comma-separated module names. ``causal=False`` for a bare trunk (a separate critic backbone)."""
+    from peft import LoraConfig, get_peft_model
+
+    names: str | list[str] = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t]
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=names,
+        task_type="CAUSAL_LM" if causal else None,
+    )  # fmt: skip
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
+    except ValueError as error:  # e.g. target modules that the model does not have
+        raise ValueError(f"LoRA on {type(model).__name__} with targets={targets!r}: {error}") from None
+
+
+def load_adapters(model: Any, folder: Path, trainable: bool) -> Any:
+    """``model`` with the LoRA adapters saved in ``folder`` (``save_pretrained`` of a peft model)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)

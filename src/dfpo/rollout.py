@@ -195,7 +195,8 @@ def _tail_forward(
     computed, not a vocabulary-sized product over the whole prompt."""
     prefix = input_ids.shape[1] - response_length - 1  # tokens before the tail
     positions = position_ids(attention_mask)
-    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(model)) else {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA adapters
+    keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(base)) else {}
     shared = _shared_prefixes(input_ids, attention_mask, prefix)
     if shared is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,

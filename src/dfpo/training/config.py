@@ -63,6 +63,13 @@ class ActorOptions:
     aggregation: str = option("token-mean", "loss reduction over tokens (dfpo.core.masked.AGGREGATIONS)")
     grad_clip: float = option(1.0, "max global gradient norm (0: no clipping)")
     whiten: bool = option(True, "whiten advantages over the step's valid tokens")
+    lora_rank: int = option(
+        0, "r > 0: train LoRA adapters of rank r (peft) on the policy instead of all its weights; 0: full fine-tuning"
+    )
+    lora_alpha: float = option(0.0, "LoRA scaling alpha (0: twice the rank)")
+    lora_targets: str = option(
+        "all-linear", "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class CriticOptions:
     risk_weight: float = option(0.1, "weight of the risk terms (CVaR, upper-tail gain, tail shape)")
     pessimism: float = option(0.0, "ensemble critic: quantile of the members' targets (0: the minimum)")
     flow: dict = option({}, "extra options of ValueFlowCritic.loss, e.g. critic.flow.coupling=independent")
+    lora_rank: int = option(0, "r > 0: LoRA adapters of rank r on a separate critic trunk instead of all its weights")
+    lora_alpha: float = option(0.0, "LoRA scaling alpha of the critic trunk (0: twice the rank)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,14 @@ def validate(c: TrainConfig) -> None:
         "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
         "eval.limit": c.eval.limit,
     }  # fmt: skip
+    for key, rank in (("actor.lora_rank", c.actor.lora_rank), ("critic.lora_rank", c.critic.lora_rank)):
+        if rank < 0:
+            raise ConfigError(f"{key}={rank}: must be 0 (full fine-tuning) or a LoRA rank of at least 1")
+    if c.critic.lora_rank and not (c.critic.kind != "none" and c.critic.backbone == "separate"):
+        raise ConfigError(
+            f"critic.lora_rank={c.critic.lora_rank} puts adapters on a separate critic trunk: set "
+            "critic.backbone=separate (a shared trunk is the policy's: use actor.lora_rank)"
+        )
     if c.rollout.generate_prompts < 0:
         raise ConfigError(
             f"rollout.generate_prompts={c.rollout.generate_prompts}: must be 0 (all at once) or at least 1"

@@ -51,10 +51,10 @@ from dfpo.config import ConfigError
 from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
 from dfpo.core.kl import kl_estimate, kl_metrics
-from dfpo.core.masked import masked_mean, masked_whiten
+from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
 from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
-from dfpo.models import load_model
+from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.rollout import (
     Rollout,
     concat_rollouts,
@@ -170,6 +170,11 @@ def _prompt_share(observed: Tensor, group: Tensor) -> float:
     return 1.0 - within / float(observed.var())
 
 
+def _trainable(module: nn.Module) -> list[Tensor]:
+    """The parameters an optimizer steps: all of them, or the LoRA adapters' when the rest is frozen."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for r in records for k in r}
     return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
@@ -214,8 +219,15 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(f"noise={c.noise!r}: {error}") from None
 
-        policy_source = str(self.resume_from / "policy") if self.resume_from else c.model
-        self.policy, self.tokenizer = load_model(policy_source)
+        if c.actor.lora_rank:  # adapters on the starting model: new ones, or the checkpoint's
+            self.policy, self.tokenizer = load_model(c.model)
+            if self.resume_from:
+                self.policy = load_adapters(self.policy, self.resume_from / "policy", trainable=True)
+            else:
+                self.policy = add_lora(self.policy, c.actor.lora_rank, c.actor.lora_alpha, c.actor.lora_targets)
+        else:
+            policy_source = str(self.resume_from / "policy") if self.resume_from else c.model
+            self.policy, self.tokenizer = load_model(policy_source)
         self.hidden_size = self.policy.config.hidden_size
         needs_ref = c.kl.mode != "none" or c.actor.loss == "flowrl" or isinstance(self.noise, PseudoLabel)
         self.ref = self._frozen(load_model(c.model)[0]) if needs_ref else None
@@ -228,6 +240,8 @@ class Trainer:
         self.trunk = None
         if self.critic is not None and c.critic.backbone == "separate":
             self.trunk = load_model(c.model)[0].base_model  # the critic starts from the starting policy's trunk
+            if c.critic.lora_rank:
+                self.trunk = add_lora(self.trunk, c.critic.lora_rank, c.critic.lora_alpha, causal=False)
             self.modules["critic_trunk"] = self.trunk
         self.log_z = None
         if c.actor.loss == "flowrl":
@@ -321,9 +335,7 @@ class Trainer:
 
     def _build_optimizers(self) -> None:
         c = self.config
-        actor_groups = [
-            {"params": list(self.policy.parameters()), "lr": c.actor.lr, "weight_decay": c.actor.weight_decay}
-        ]
+        actor_groups = [{"params": _trainable(self.policy), "lr": c.actor.lr, "weight_decay": c.actor.weight_decay}]
         if self.log_z is not None:
             actor_groups.append({"params": list(self.log_z.parameters()), "lr": c.critic.lr, "weight_decay": 0.0})
         critic_groups = []
@@ -332,7 +344,7 @@ class Trainer:
             (actor_groups if c.critic.backbone == "shared" else critic_groups).append(head)
         if self.trunk is not None:
             trunk_lr = c.critic.trunk_lr or c.actor.lr
-            critic_groups.append({"params": list(self.trunk.parameters()), "lr": trunk_lr, "weight_decay": 0.0})
+            critic_groups.append({"params": _trainable(self.trunk), "lr": trunk_lr, "weight_decay": 0.0})
         warm = c.critic.warmup_steps if self.critic is not None else 0
         actor_updates = max(1, (c.steps - warm) * c.actor.epochs * c.actor.minibatches)
         self.actor_opt = torch.optim.AdamW(actor_groups)
@@ -496,6 +508,11 @@ class Trainer:
             targets = returns
         if c.actor.whiten:
             adv = masked_whiten(adv, g_mask)
+        explained = None
+        if self.critic is not None:  # the values the advantages used, against the critic's targets, whole batch
+            values = g["values"] if "values" in g else g["samples"].mean(-1)
+            goal = targets.mean(-1) if targets.dim() == 3 else targets
+            explained = float(explained_variance(values, goal, g_mask))
         rows = slice(world.rank * len(mask), (world.rank + 1) * len(mask))
         self._global_shape, self._local_rows, self._draw_key = tuple(g_mask.shape), len(mask), 0
         batch.update(ids=ids, attn=attn, mask=mask, adv=adv[rows, :width], targets=targets[rows, :width],
@@ -512,6 +529,8 @@ class Trainer:
         times["update"] = time.perf_counter() - t
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(update_metrics)
+        if explained is not None:
+            metrics["critic/explained_var"] = explained
 
         # rank 0's times, for the global batch (every rank works on its share at the same time)
         tokens = distributed.sum_scalar(float(attn.sum()), world)
