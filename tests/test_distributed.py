@@ -30,6 +30,8 @@ CASES = {
     # two minibatches of micro-batches of 2: each process holds a different number of each minibatch's rows
     "ppo-minibatches": ["algo=ppo", "actor.minibatches=2", "actor.micro_batch=2"],
     "grpo-kl-loss": ["algo=grpo", "kl.mode=loss"],
+    # FSDP2: the policy sharded over the 2 processes (the flow critic's head is not)
+    "dfpo-fsdp": ["algo=dfpo", "parallel=fsdp"],
 }
 
 
@@ -64,8 +66,8 @@ def test_two_processes_train_as_one(case, tmp_path):
     assert difference < 1e-5 and difference < learned / 10, (difference, learned)
     # rank 0 alone wrote the run's files: one line per step
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 2
-    if case == "dfpo":
-        # and a run checkpointed by two processes resumes on one, exactly
+    if case.startswith("dfpo"):
+        # and a run checkpointed by two processes (sharded or not) resumes on one, exactly
         (tmp_path / "two" / "latest").write_text("step_000001\n")
         assert main(["train", *args, f"run_dir={tmp_path / 'two'}", "resume=auto"]) == 0
         assert _max_difference(one, _weights(tmp_path / "two", 2)) < 1e-5

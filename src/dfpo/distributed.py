@@ -14,6 +14,7 @@ Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``)
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where the process group's tensors live: the CPU (gloo) or this process's GPU (NCCL)
 
     @property
     def active(self) -> bool:
@@ -56,10 +58,13 @@ def setup(timeout_minutes: float = 30.0) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def gather_rows(tensor: Tensor, world: World, pad: float = 0.0) -> Tensor:
@@ -68,7 +73,7 @@ def gather_rows(tensor: Tensor, world: World, pad: float = 0.0) -> Tensor:
     Every rank must pass the same number of rows."""
     if not world.active:
         return tensor
-    width = torch.tensor([tensor.shape[1] if tensor.dim() > 1 else 0])
+    width = torch.tensor([tensor.shape[1] if tensor.dim() > 1 else 0], device=tensor.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     if tensor.dim() > 1 and tensor.shape[1] < int(width):
         shape = (tensor.shape[0], int(width) - tensor.shape[1], *tensor.shape[2:])
@@ -90,7 +95,7 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
 def sum_scalar(value: float, world: World) -> float:
     if not world.active:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=world.device)
     dist.all_reduce(t)
     return float(t)
 
@@ -99,9 +104,10 @@ def sum_gradients(params: list[Tensor], world: World) -> None:
     """Sum the gradients of ``params`` over ranks, in place, in one flat buffer per dtype. A parameter that has a
     gradient on some rank gets one on every rank (zeros where it had none), so every rank's optimizer steps the
     same parameters; one without a gradient anywhere keeps ``grad = None``, as in a single process."""
+    params = [p for p in params if not is_sharded(p)]  # FSDP2 reduces its own (reduce-scatter in the backward)
     if not world.active or not params:
         return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=world.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
     chosen = []
     for p, flag in zip(params, has.tolist(), strict=True):
@@ -142,3 +148,92 @@ def mean_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
+
+
+# -- FSDP2: sharded weights, gradients and optimizer states (parallel=fsdp) --------------------------------------
+
+
+def shard(model: torch.nn.Module, bf16: bool = False) -> None:
+    """Shard ``model`` over the processes with FSDP2 (``fully_shard``): each block that Hugging Face marks as not
+    to be split (``_no_split_modules``: the decoder layers) is one unit, the rest (embeddings, final norm, output
+    layer) the root's. Gradients are summed, not averaged, over processes (each process's loss is already scaled
+    by its share of the batch). With ``bf16``, forwards compute in bf16 and gradients reduce in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    options = {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, torch.float32)} if bf16 else {}
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, **options)
+    fully_shard(model, **options)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
+    """``module``'s state dict with every sharded tensor gathered whole, on the CPU (a collective: every process
+    calls it)."""
+    # tied parameters (one parameter under two names, e.g. embeddings and output layer) stay one tensor
+    first: dict[int, str] = {}
+    canonical = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(param), name)
+    out: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        source = canonical.get(key, key)
+        if source != key and source in out:
+            out[key] = out[source]
+        else:
+            out[key] = (value.full_tensor() if is_sharded(value) else value).detach().cpu()
+    return out
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded states gathered whole (a collective), the layout of an unsharded
+    optimizer's: a checkpoint of a sharded run resumes unsharded, and the reverse."""
+    saved = optimizer.state_dict()
+    state = {
+        index: {k: (v.full_tensor() if is_sharded(v) else v) for k, v in values.items()}
+        for index, values in saved["state"].items()
+    }
+    return {**saved, "state": state}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading whole states into an optimizer of sharded parameters: shard each state like its parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not is_sharded(param):
+                continue
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and not is_sharded(value) and value.shape == param.shape:
+                    whole = value.to(param.device)
+                    optimizer.state[param][key] = distribute_tensor(whole, param.device_mesh, param.placements)
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """Clip the global gradient norm of ``params``, sharded (a collective) or not, as
+    ``torch.nn.utils.clip_grad_norm_`` does; returns the norm before clipping (``inf`` or ``nan`` if a gradient is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = 0.0
+    for g in grads:
+        n = g.detach().float().norm(2)
+        squares += float(n.full_tensor() if is_sharded(n) else n) ** 2
+    total = math.sqrt(squares)
+    coef = max_norm / (total + 1e-6) if max_norm > 0 else 1.0
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total

@@ -107,9 +107,14 @@ def generate_batch(
         raise ValueError(
             "generation needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as it appends on the right"
         )
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     cache = None
-    if repeats > 1 and batch["input_ids"].shape[1] > max_new_tokens:
+    # a model sharded over processes (FSDP2) runs collectives in every forward: every process must make the same
+    # calls, so it skips the prompt-sharing prefill (a choice that depends on this process's prompts) and generate
+    # keeps every process stepping until all are done
+    sharded = _is_sharded(model)
+    if repeats > 1 and batch["input_ids"].shape[1] > max_new_tokens and not sharded:
         # prefill each distinct prompt once (all but its last token, which generate runs), then copy the cache
         ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
         cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
@@ -126,8 +131,9 @@ def generate_batch(
     )
     # past_key_values only when there is one: an explicit None made generate about 17% slower (tiny model)
     prefilled = {} if cache is None else {"past_key_values": cache}
+    synced = {"synced_gpus": True} if sharded else {}
     out = model.generate(**batch, **prefilled, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         **sampling)  # fmt: skip
+                         **sampling, **synced)  # fmt: skip
     responses = out[:, batch["input_ids"].shape[1] :]
     mask = response_mask(responses, tokenizer.eos_token_id)
     ended = (responses == tokenizer.eos_token_id).any(-1)
@@ -135,7 +141,7 @@ def generate_batch(
         input_ids=out,
         attention_mask=torch.cat([batch["attention_mask"], mask], dim=1),
         response_mask=mask,
-        prompt_index=torch.arange(len(prompts)).repeat_interleave(repeats),
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(repeats),
         truncated=~ended & (responses.shape[1] >= max_new_tokens),
         completions=tokenizer.batch_decode(responses, skip_special_tokens=True),
     )
@@ -197,7 +203,7 @@ def _tail_forward(
     positions = position_ids(attention_mask)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA adapters
     keep = {"logits_to_keep": response_length + 1} if _takes_logits_to_keep(type(base)) else {}
-    shared = _shared_prefixes(input_ids, attention_mask, prefix)
+    shared = None if _is_sharded(model) else _shared_prefixes(input_ids, attention_mask, prefix)
     if shared is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                     output_hidden_states=hidden_states, **keep)  # fmt: skip
@@ -250,6 +256,15 @@ def forward_positions(input_ids: Tensor, attention_mask: Tensor, response_length
     prefix = length - response_length - 1
     shared = _shared_prefixes(input_ids, attention_mask, prefix)
     return n * length if shared is None else shared[0].numel() + n * (response_length + 1)
+
+
+def _is_sharded(model: Any) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (its forwards are collectives every process must run)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
 
 
 @functools.cache

@@ -68,19 +68,29 @@ def save_checkpoint(
     optimizers: dict[str, Any],
     state: dict[str, Any],
     keep: int = 2,
+    whole: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune to the ``keep`` newest."""
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, and prune to the ``keep`` newest.
+
+    ``whole`` holds the states of sharded models gathered whole (``policy``, ``modules``, ``optimizers``: see
+    :mod:`dfpo.distributed`); they are written in place of the models' own, in the same layout, so that any
+    number of processes, sharded or not, resumes from the checkpoint."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        policy.save_pretrained(tmp / "policy")
+        whole = whole or {}
+        policy.save_pretrained(tmp / "policy", **({"state_dict": whole["policy"]} if "policy" in whole else {}))
         tokenizer.save_pretrained(tmp / "policy")
-        tensors = {f"{key}.{p}": t.detach().contiguous() for key, m in modules.items() for p, t in _tensors(m)}
+        if "modules" in whole:
+            tensors = {f"{key}.{p}": t.contiguous() for key, sd in whole["modules"].items() for p, t in sd.items()}
+        else:
+            tensors = {f"{key}.{p}": t.detach().contiguous() for key, m in modules.items() for p, t in _tensors(m)}
         save_file(tensors, tmp / "modules.safetensors")
-        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizers.pt")
+        optimizer_states = whole.get("optimizers") or {k: o.state_dict() for k, o in optimizers.items()}
+        torch.save(optimizer_states, tmp / "optimizers.pt")
         rng_tensors, rng_json = rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_json}, indent=1) + "\n")
@@ -133,6 +143,18 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any]) -> None:
     """Restore module weights, optimizer and scheduler states and RNG states from ``checkpoint``."""
+    load_modules(checkpoint, modules)
+    load_optimizers(checkpoint, optimizers)
+
+
+def _damaged(checkpoint: Path, error: Exception) -> CheckpointError:
+    if isinstance(error, CheckpointError):
+        return error
+    return CheckpointError(f"checkpoint {checkpoint} is damaged or incomplete ({error}); use another one")
+
+
+def load_modules(checkpoint: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Restore the weights of ``modules`` (whole, unsharded modules) from ``checkpoint``."""
     try:
         tensors = load_file(checkpoint / "modules.safetensors")
         for key, module in modules.items():
@@ -146,11 +168,17 @@ def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers:
                     f"checkpoint {checkpoint}: {key} does not match this config (missing {missing[:3]}, "
                     f"unexpected {unexpected[:3]}); resume with the config the run was started with"
                 )
-        saved = torch.load(checkpoint / "optimizers.pt", weights_only=True)
+    except (OSError, KeyError, RuntimeError) as error:
+        raise _damaged(checkpoint, error) from None
+
+
+def load_optimizers(checkpoint: Path, optimizers: dict[str, Any]) -> None:
+    """Restore optimizer and scheduler states and the random streams from ``checkpoint``."""
+    try:
+        # on the CPU: each optimizer moves its state to its parameters' device (a run may resume on another)
+        saved = torch.load(checkpoint / "optimizers.pt", weights_only=True, map_location="cpu")
         for key, optimizer in optimizers.items():
             optimizer.load_state_dict(saved[key])
         set_rng_state(load_file(checkpoint / "rng.safetensors"), load_state(checkpoint)["rng"])
     except (OSError, KeyError, RuntimeError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint {checkpoint} is damaged or incomplete ({error}); use another one") from None
+        raise _damaged(checkpoint, error) from None

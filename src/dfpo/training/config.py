@@ -8,6 +8,7 @@ train, naming the key and the valid values.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,14 @@ class TrainConfig:
     resume: str = option("", "'auto' continues from run_dir's latest checkpoint; or a checkpoint folder")
     max_bad_steps: int = option(3, "stop after this many steps in a row with a NaN/inf loss or gradient")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
+    parallel: str = option(
+        "ddp",
+        "with several processes (torchrun): ddp (each holds the whole model; gradients summed over processes) or "
+        "fsdp (FSDP2: the policy's and a separate critic trunk's weights, gradients and optimizer states sharded)",
+    )
+    device: str = option(
+        "auto", "where the models run: auto (each process's GPU when CUDA is available, else the CPU), cpu, cuda:N"
+    )
     precision: str = option(
         "fp32",
         "fp32, or bf16: sampling from a bf16 copy of the policy and model forwards under bf16 autocast (weights, "
@@ -269,6 +278,18 @@ def validate(c: TrainConfig) -> None:
         "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
         "eval.limit": c.eval.limit,
     }  # fmt: skip
+    _one_of("parallel", c.parallel, ("ddp", "fsdp"))
+    if c.parallel == "fsdp" and (c.actor.lora_rank or c.critic.lora_rank):
+        raise ConfigError(
+            "parallel=fsdp with LoRA adapters is not supported: LoRA already keeps the optimizer states small; use "
+            "parallel=ddp with actor.lora_rank, or fsdp without LoRA"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        raise ConfigError(f"device={c.device!r}: use auto, cpu, cuda or cuda:N")
+    import torch
+
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={c.device}: this machine has no CUDA GPU that torch can use; use device=cpu")
     for key, rank in (("actor.lora_rank", c.actor.lora_rank), ("critic.lora_rank", c.critic.lora_rank)):
         if rank < 0:
             raise ConfigError(f"{key}={rank}: must be 0 (full fine-tuning) or a LoRA rank of at least 1")

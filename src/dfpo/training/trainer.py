@@ -170,6 +170,13 @@ def _prompt_share(observed: Tensor, group: Tensor) -> float:
     return 1.0 - within / float(observed.var())
 
 
+def _device(setting: str, world: distributed.World) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if setting == "auto":
+        return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(setting)
+
+
 def _trainable(module: nn.Module) -> list[Tensor]:
     """The parameters an optimizer steps: all of them, or the LoRA adapters' when the rest is frozen."""
     return [p for p in module.parameters() if p.requires_grad]
@@ -249,6 +256,19 @@ class Trainer:
             self.log_z = nn.Sequential(nn.Linear(self.hidden_size, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU(),
                                        nn.Linear(w, 1))  # fmt: skip
             self.modules["log_z"] = self.log_z
+        if state is not None:  # whole weights, before the models are moved and sharded
+            ckpt.load_modules(self.resume_from, self.modules)
+        self.device = _device(c.device, self.world)
+        for model in (self.policy, self.ref, *self.modules.values()):
+            if model is not None:
+                model.to(self.device)
+        distributed.broadcast_parameters([self.policy, *self.modules.values()], self.world)
+        # FSDP2 shards the policy and a separate critic trunk; the heads and the frozen reference stay whole
+        self.sharded = c.parallel == "fsdp" and self.world.active
+        if self.sharded:
+            distributed.shard(self.policy, bf16=self.bf16)
+            if self.trunk is not None:
+                distributed.shard(self.trunk, bf16=self.bf16)
         self._build_optimizers()
 
         self.data = DataOrder(len(self.train), c.seed)
@@ -256,16 +276,21 @@ class Trainer:
         self.bad_steps = 0
         self.pseudo_labels: dict[str, Any] = {}
         if state is not None:
-            ckpt.load_into(self.resume_from, self.modules, self.optimizers)
+            ckpt.load_optimizers(self.resume_from, self.optimizers)
+            if self.sharded:
+                for optimizer in (self.actor_opt, self.critic_opt):
+                    if optimizer is not None:
+                        distributed.shard_optimizer_state(optimizer)
             self.step, self.bad_steps = state["step"], state["bad_steps"]
             self.data.epoch, self.data.position = state["data"]["epoch"], state["data"]["position"]
             self.pseudo_labels = state.get("pseudo_labels", {})
-        distributed.broadcast_parameters([self.policy, *self.modules.values()], self.world)
         truncate = self.step if state else 0
         self.log = MetricsLog(self.run_dir, c.log, truncate_after=truncate) if self.world.main else _NoLog()
         self._last_samples: list[dict[str, Any]] = []
-        # a bf16 copy of the policy samples the rollouts (refreshed after every update)
-        self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if self.bf16 else None
+        # a bf16 copy of the policy samples the rollouts (refreshed after every update); a sharded policy samples
+        # in bf16 itself (FSDP2's mixed precision)
+        bf16_copy = self.bf16 and not self.sharded
+        self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if bf16_copy else None
         batch = c.rollout.prompts * c.rollout.samples
         self.fused = c.actor.epochs == 1 and c.actor.minibatches == 1 and c.actor.micro_batch in (0, batch)
         self._policy_out: tuple[Tensor, Tensor | None] | None = None
@@ -301,7 +326,7 @@ class Trainer:
         from dfpo.config import apply_overrides, flatten
 
         saved = apply_overrides(TrainConfig(), flatten(state["config"]))
-        ignore = ("steps", "resume", "log.", "checkpoint.", "eval.", "threads", "max_bad_steps")
+        ignore = ("steps", "resume", "log.", "checkpoint.", "eval.", "threads", "device", "max_bad_steps")
         differ = changed_keys(saved, self.config, ignore)
         if differ:
             raise ConfigError(
@@ -365,6 +390,8 @@ class Trainer:
         from tqdm import tqdm
 
         c, main = self.config, self.world.main
+        # rank 0 evaluates; with a sharded policy every process takes part in its forwards
+        evaluating = main or self.sharded
         self.run_dir.mkdir(parents=True, exist_ok=True)
         eval_path = self.run_dir / "eval.json"
         evals = json.loads(eval_path.read_text()) if self.resume_from and eval_path.exists() else {}
@@ -372,6 +399,7 @@ class Trainer:
             record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed,
                       "processes": self.world.size}  # fmt: skip
             _write_json(self.run_dir / "train_config.json", record)
+        if self.resume_from is None and evaluating:
             evals = {"before": self.evaluate()}
         # a resumed run forgets evaluations made after its checkpoint, as metrics.jsonl does
         evals["history"] = [h for h in evals.get("history", []) if h["step"] <= self.step]
@@ -383,11 +411,12 @@ class Trainer:
         while self.step < c.steps:
             self.step += 1
             metrics = self.train_step()
-            # rank 0 evaluates (on a forked random stream); the others go on to the next step's collectives
-            if main and ((c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps):
+            # evaluation runs on a forked random stream; other processes go on to the next step's collectives
+            if evaluating and ((c.eval.every and self.step % c.eval.every == 0) or self.step == c.steps):
                 result = self.evaluate()
                 evals["history"].append({"step": self.step, **result})
-                _write_json(eval_path, evals)
+                if main:
+                    _write_json(eval_path, evals)
                 metrics.update({f"eval/{s}/{k}": v for s, r in result.items() for k, v in r.items()})
             self.log.write(metrics)
             bar.update(1)
@@ -411,9 +440,11 @@ class Trainer:
                 self.save()
         bar.close()
         self.log.close()
-        if not main:
+        if not evaluating:
             return evals
         last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
+        if not main:
+            return evals
         evals["after"] = {k: v for k, v in last.items() if k != "step"}
         evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
         _write_json(eval_path, evals)
@@ -424,12 +455,22 @@ class Trainer:
         """Rank 0 writes the checkpoint (every rank holds the same weights, optimizer states and random stream);
         the others wait for it, so that a checkpoint is complete before any rank goes on."""
         path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        whole = None
+        if self.sharded:  # every process takes part in gathering the sharded states
+            whole = {
+                "policy": distributed.full_state_dict(self.policy),
+                "modules": {k: distributed.full_state_dict(m) for k, m in self.modules.items()},
+                "optimizers": {
+                    k: distributed.full_optimizer_state(o) if isinstance(o, torch.optim.Optimizer) else o.state_dict()
+                    for k, o in self.optimizers.items()
+                },
+            }
         if self.world.main:
-            path = self._save()
+            path = self._save(whole)
         distributed.barrier(self.world)
         return path
 
-    def _save(self) -> Path:
+    def _save(self, whole: dict[str, Any] | None = None) -> Path:
         state = {
             "config": dataclasses.asdict(self.config),
             "data": self.data.state(),
@@ -438,7 +479,7 @@ class Trainer:
         }
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self.policy, self.tokenizer, self.modules, self.optimizers, state,
-            self.config.checkpoint.keep,
+            self.config.checkpoint.keep, whole,
         )  # fmt: skip
 
     # -- one step --------------------------------------------------------------------------------------------
@@ -462,9 +503,10 @@ class Trainer:
         group = rollout.prompt_index
         per_seq = [examples[i] for i in group.tolist()]
         noisy = self.noise.score(self.task, rollout.completions, per_seq, step, first * c.rollout.samples)
-        kept = torch.tensor([o is not None for o in noisy.observed])
-        scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32)
-        true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32)
+        on = {"device": self.device}
+        kept = torch.tensor([o is not None for o in noisy.observed], **on)
+        scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32, **on)
+        true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32, **on)
         mask = rollout.response_mask.float() * kept[:, None]
         if c.rollout.mask_truncated:
             mask = mask * (~rollout.truncated)[:, None]
@@ -691,7 +733,13 @@ class Trainer:
         for epoch in range(c.actor.epochs):
             # the same permutation of the global batch on every rank; each rank runs its own rows of each minibatch
             stream = torch.Generator().manual_seed(_stream_seed(c.seed, self.step, 1, epoch))
-            order = torch.randperm(n, generator=stream)
+            if self.sharded:
+                # sharded forwards are collectives: every process runs the same number of rows per minibatch, its
+                # own rows in one order shared by all (with one minibatch, the same as the global order)
+                mine = torch.randperm(local, generator=stream)
+                order = torch.stack([mine + r * local for r in range(self.world.size)], 1).reshape(-1)
+            else:
+                order = torch.randperm(n, generator=stream)
             for rows in order.split(size):
                 # in row order, micro-batches hold the answers to one prompt together (it then runs once); the
                 # minibatch's gradient is the same whatever its micro-batches
@@ -775,6 +823,8 @@ class Trainer:
 
     @staticmethod
     def _clip(params: list[Tensor], max_norm: float) -> float:
+        if any(distributed.is_sharded(p) for p in params):
+            return distributed.clip_grad_norm(params, max_norm)
         grads = [p for p in params if p.grad is not None]
         if not grads:
             return 0.0
