@@ -34,6 +34,10 @@ class RolloutOptions:
     top_p: float = option(1.0, "nucleus sampling threshold")
     mask_truncated: bool = option(False, "give responses cut at max_new_tokens no weight in any loss")
     batch_size: int = option(64, "sequences per no-grad scoring forward")
+    engine: str = option(
+        "hf", "what samples the rollouts: hf (transformers generate) or vllm (colocated vLLM; CUDA, the vllm extra)"
+    )
+    vllm_memory: float = option(0.3, "rollout.engine=vllm: the share of each GPU's memory vLLM may take")
     generate_prompts: int = option(
         0,
         "prompts per generate call (0: each process's whole share in one call); each call samples from its own "
@@ -279,6 +283,18 @@ def validate(c: TrainConfig) -> None:
         "eval.limit": c.eval.limit,
     }  # fmt: skip
     _one_of("parallel", c.parallel, ("ddp", "fsdp"))
+    _one_of("rollout.engine", c.rollout.engine, ("hf", "vllm"))
+    if c.rollout.engine == "vllm":
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            raise ConfigError(
+                "rollout.engine=vllm needs a CUDA GPU and vLLM (pip install '.[vllm]'); use rollout.engine=hf here"
+            )
+        if c.actor.lora_rank:
+            raise ConfigError("rollout.engine=vllm with actor.lora_rank is not supported: use rollout.engine=hf")
     if c.parallel == "fsdp" and (c.actor.lora_rank or c.critic.lora_rank):
         raise ConfigError(
             "parallel=fsdp with LoRA adapters is not supported: LoRA already keeps the optimizer states small; use "

@@ -289,8 +289,17 @@ class Trainer:
         self._last_samples: list[dict[str, Any]] = []
         # a bf16 copy of the policy samples the rollouts (refreshed after every update); a sharded policy samples
         # in bf16 itself (FSDP2's mixed precision)
-        bf16_copy = self.bf16 and not self.sharded
+        bf16_copy = self.bf16 and not self.sharded and c.rollout.engine == "hf"
         self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if bf16_copy else None
+        self.engine = None
+        if c.rollout.engine == "vllm":  # vLLM samples from the starting weights, then from each update's
+            from dfpo.models import resolve_model
+            from dfpo.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(str(resolve_model(c.model)), self.tokenizer, c.rollout.vllm_memory,
+                                     self.world.active, c.seed)  # fmt: skip
+            if self.resume_from is not None:
+                self._sync_engine()
         batch = c.rollout.prompts * c.rollout.samples
         self.fused = c.actor.epochs == 1 and c.actor.minibatches == 1 and c.actor.micro_batch in (0, batch)
         self._policy_out: tuple[Tensor, Tensor | None] | None = None
@@ -310,7 +319,14 @@ class Trainer:
         return torch.autocast(next(self.policy.parameters()).device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
+    def _sync_engine(self) -> None:
+        weights = distributed.full_state_dict(self.policy) if self.sharded else self.policy.state_dict()
+        self.engine.sync(weights.items())
+
+    @torch.no_grad()
     def _refresh_rollout_policy(self) -> None:
+        if self.engine is not None:
+            self._sync_engine()
         if self.rollout_policy is not None:
             for low, full in zip(self.rollout_policy.parameters(), self.policy.parameters(), strict=True):
                 low.copy_(full)
@@ -622,8 +638,14 @@ class Trainer:
         device = next(model.parameters()).device
         parts = []
         for start in range(0, len(prompts), chunk):
+            seed = _stream_seed(c.seed, self.step, 0, first + start)
+            if self.engine is not None:
+                parts.append(self.engine.sample(prompts[start : start + chunk], c.rollout.samples,
+                                                c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p,
+                                                seed % 2**31))  # fmt: skip
+                continue
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(_stream_seed(c.seed, self.step, 0, first + start))
+                torch.manual_seed(seed)
                 parts.append(sample(model, self.tokenizer, prompts[start : start + chunk], c.rollout.samples,
                                     c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p))  # fmt: skip
         return concat_rollouts(parts, self.tokenizer.pad_token_id)
