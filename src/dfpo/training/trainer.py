@@ -656,6 +656,7 @@ class Trainer:
         that labelling never moves the training's random stream."""
         keys = [json.dumps(e["prompt"], sort_keys=True) for e in examples]
         todo = [e for e, k in zip(examples, keys, strict=True) if k not in self.pseudo_labels]
+        new: dict[str, Any] = {}
         if todo:
             with torch.random.fork_rng():
                 labelled, _ = self.noise.label(self.ref, self.tokenizer, self.task, todo,
@@ -663,12 +664,10 @@ class Trainer:
                                                self.config.rollout.max_new_tokens)  # fmt: skip
             for e in labelled:
                 right = e["pseudo_answer"] is not None and self.task.score_answer(e["pseudo_answer"], e) > 0.5
-                self.pseudo_labels[json.dumps(e["prompt"], sort_keys=True)] = {
-                    "answer": e["pseudo_answer"], "right": bool(right)
-                }  # fmt: skip
-        if self.world.active:  # every rank keeps every label: any rank may draw the example later, rank 0 saves them
-            for labels in distributed.gather_objects(self.pseudo_labels, self.world):
-                self.pseudo_labels.update(labels)
+                new[json.dumps(e["prompt"], sort_keys=True)] = {"answer": e["pseudo_answer"], "right": bool(right)}
+        # every rank keeps every label: any rank may draw the example later, and rank 0 saves them
+        for labels in distributed.gather_objects(new, self.world):
+            self.pseudo_labels.update(labels)
         return [{**e, "pseudo_answer": self.pseudo_labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
 
     @property
