@@ -199,6 +199,9 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
         assert (out / plot).stat().st_size > 1000
     grid = json.loads((out / "grid.json").read_text())
     assert grid["machine"]["cores"] and grid["budget"]["steps"] == 2
+    (session,) = grid["sessions"]  # the invocation's wall time is on record
+    assert session["finished"] > session["started"] and (session["cells_before"], session["cells_after"]) == (0, 7)
+    assert "Wall time of the grid: " in summary and "7 cells in " in summary
 
     # the same command again: every cell is finished, nothing runs
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

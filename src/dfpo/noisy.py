@@ -646,6 +646,7 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
     total = len(first) + len(cells)
     done = total - len(pending(first)) - sum(not p.exists() for p in main_ids)
     runner = _Runner(out, config.workers, total, done)
+    session = {"command": command, "workers": config.workers, "started": time.time(), "cells_before": done}
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the grid as Ctrl-C does: cells are kept
@@ -665,6 +666,10 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
         runner.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
+        # each invocation's wall time, so that the grid's is on record however many times it was resumed
+        session.update(finished=time.time(), cells_after=runner.bar.n)
+        grid["sessions"] = [*grid.get("sessions", []), session]
+        _write_json(grid_path, grid)
     report = write_report(out)
     if runner.failed:
         raise CellFailed(
@@ -798,6 +803,16 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _sessions_line(grid: dict[str, Any]) -> list[str]:
+    sessions = grid.get("sessions", [])
+    if not sessions:
+        return []
+    wall = sum(x["finished"] - x["started"] for x in sessions)
+    parts = ", ".join(f"{x['cells_after'] - x['cells_before']} cells in {(x['finished'] - x['started']) / 60:.0f} min "
+                      f"({x['workers']} at a time)" for x in sessions)  # fmt: skip
+    return [f"Wall time of the grid: {wall / 3600:.2f} hours over {len(sessions)} invocation(s): {parts}."]
+
+
 def _ordered(values: list[str], order: list[str]) -> list[str]:
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
@@ -816,6 +831,7 @@ def _summary(
         f"transformers {m['transformers']}; dfpo {m.get('code', 'version not recorded')}. "
         f"Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
         f"processes ({len(rows)} cells, base and tuning cells not counted).",
+        *_sessions_line(grid),
         "",
     ]  # fmt: skip
     if b["tune"]:
