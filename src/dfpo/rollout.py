@@ -107,7 +107,7 @@ def generate_batch(
         raise ValueError(
             "generation needs a left-padding tokenizer (tokenizer.padding_side = 'left'), as it appends on the right"
         )
-    device = next(model.parameters()).device
+    device = _device_of(model)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     cache = None
     # a model sharded over processes (FSDP2) runs collectives in every forward: every process must make the same
@@ -256,6 +256,13 @@ def forward_positions(input_ids: Tensor, attention_mask: Tensor, response_length
     prefix = length - response_length - 1
     shared = _shared_prefixes(input_ids, attention_mask, prefix)
     return n * length if shared is None else shared[0].numel() + n * (response_length + 1)
+
+
+def _device_of(model: Any) -> torch.device:
+    """Where ``model``'s weights are (the CPU for anything without parameters, e.g. a stand-in with ``generate``)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _is_sharded(model: Any) -> bool:
