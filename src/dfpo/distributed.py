@@ -104,8 +104,10 @@ def sum_gradients(params: list[Tensor], world: World) -> None:
     """Sum the gradients of ``params`` over ranks, in place, in one flat buffer per dtype. A parameter that has a
     gradient on some rank gets one on every rank (zeros where it had none), so every rank's optimizer steps the
     same parameters; one without a gradient anywhere keeps ``grad = None``, as in a single process."""
+    if not world.active:
+        return
     params = [p for p in params if not is_sharded(p)]  # FSDP2 reduces its own (reduce-scatter in the backward)
-    if not world.active or not params:
+    if not params:
         return
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=world.device)
     dist.all_reduce(has, op=dist.ReduceOp.MAX)
