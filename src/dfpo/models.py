@@ -14,6 +14,7 @@ are the dequantised Q4_1 values, an approximation of the bf16 original.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,14 @@ def load_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Silences the FutureWarning peft triggers by asking transformers a deprecated question: nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(model: Any, rank: int, alpha: float = 0.0, targets: str = "all-linear", causal: bool = True) -> Any:
     """``model`` with trainable LoRA adapters of rank ``rank`` (peft) on ``targets`` and every other weight frozen.
 
@@ -143,8 +153,7 @@ def add_lora(model: Any, rank: int, alpha: float = 0.0, targets: str = "all-line
         task_type="CAUSAL_LM" if causal else None,
     )  # fmt: skip
     try:
-        with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet_peft():
             return get_peft_model(model, config)
     except ValueError as error:  # e.g. target modules that the model does not have
         raise ValueError(f"LoRA on {type(model).__name__} with targets={targets!r}: {error}") from None
@@ -154,6 +163,5 @@ def load_adapters(model: Any, folder: Path, trainable: bool) -> Any:
     """``model`` with the LoRA adapters saved in ``folder`` (``save_pretrained`` of a peft model)."""
     from peft import PeftModel
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -927,7 +928,7 @@ class Trainer:
         response width are kept, so the loss is the same however the batch is split over processes."""
         n, width = self._global_shape
         rows = part + self.world.rank * self._local_rows
-        key, calls = self._draw_key, iter(range(1 << 30))
+        key, calls = self._draw_key, itertools.count()
 
         def uniform(shape: tuple[int, ...]) -> Tensor:
             g = torch.Generator().manual_seed(_stream_seed(self.config.seed, self.step, 2, key, next(calls)))
