@@ -208,6 +208,8 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, f"out={out}"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+    summary = (out / "summary.md").read_text()
+    assert summary.count("`dfpo bench noisy algos=dfpo,grpo") == 1 and "(2 invocations: resumed)" in summary
     # another budget in the same folder is refused
     assert main(["bench", "noisy", "algos=dfpo", "steps=3", "eval_limit=6", "seeds=0", f"out={out}"]) == 2
     assert "another budget" in capsys.readouterr().err

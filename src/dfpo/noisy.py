@@ -813,6 +813,13 @@ def _sessions_line(grid: dict[str, Any]) -> list[str]:
     return [f"Wall time of the grid: {wall / 3600:.2f} hours over {len(sessions)} invocation(s): {parts}."]
 
 
+def _commands(commands: list[str]) -> str:
+    """Each distinct command once, in first-run order, and how often the grid was invoked when it was resumed."""
+    distinct = list(dict.fromkeys(commands))
+    text = "; ".join(f"`{c}`" for c in distinct)
+    return text if len(commands) == len(distinct) else f"{text} ({len(commands)} invocations: resumed)"
+
+
 def _ordered(values: list[str], order: list[str]) -> list[str]:
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
@@ -824,7 +831,7 @@ def _summary(
     seconds = sum(r["seconds"] for r in rows)
     lines = [
         f"# Noisy-supervision benchmark: {b['scale']} ({scale.model})", "",
-        f"Commands: {'; '.join(f'`{c}`' for c in grid['commands'])}", "",
+        f"Commands: {_commands(grid['commands'])}", "",
         f"Budget of every cell: {b['steps']} steps, settings `{' '.join(b['settings'])}`; {b['eval_limit']} "
         "examples per benchmark, greedy. Accuracy in %, mean ± half-width of the 95% Student-t interval over seeds.",
         f"Machine: {m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
