@@ -27,7 +27,7 @@ from dfpo.noisy import (
     run_cell,
     variant_settings,
 )
-from dfpo.stats import mean_interval, paired, t_quantile
+from dfpo.stats import fixed, mean_interval, paired, t_quantile
 from dfpo.training.trainer import _prompt_share, _signal_share
 
 TINY = ["steps=2", "eval_limit=6", "seeds=0", "train=sub"]
@@ -42,6 +42,9 @@ def test_t_quantiles_and_intervals_match_the_tables():
     assert interval.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-3)
     assert interval.show() == "60.0 ± 24.8"
     assert mean_interval([0.5]).show() == "50.0"  # one seed: no interval to show
+    # equal values print equally, whatever float noise a mean carries: 0.2425 * 100 is 24.25 -> "24.2"
+    starting = (0.26 + 0.25 + 0.23 + 0.23) / 4
+    assert mean_interval([starting] * 3).show() == f"{fixed(100 * starting)} ± 0.0" == "24.2 ± 0.0"
     result = paired([0.6, 0.7, 0.5, 0.4], [0.5, 0.7, 0.6, 0.2], tie=0.005)
     assert (result.wins, result.ties, result.losses) == (2, 1, 1)
     assert result.difference.mean == pytest.approx(0.05)

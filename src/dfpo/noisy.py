@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dfpo.config import ConfigError, option
-from dfpo.stats import mean_interval, paired
+from dfpo.stats import fixed, mean_interval, paired
 
 # -- what the grid is made of ------------------------------------------------------------------------------------
 
@@ -853,7 +853,7 @@ def _summary(
     noises = _ordered(sorted({r["noise"] for r in rows}), ["clean", "flip(0.2)", "flip(0.4)", "pseudo_label(8)"])
     if base is not None:
         start = {n: base["benchmarks"][n]["accuracy"] for n in benchmarks if n in base["benchmarks"]}
-        lines += ["Starting model: " + ", ".join(f"{n} {v * 100:.1f}" for n, v in start.items()), ""]
+        lines += ["Starting model: " + ", ".join(f"{n} {fixed(100 * v)}" for n, v in start.items()), ""]
     for domain in _ordered(sorted({r["domain"] for r in rows}), list(scale.domains)):
         for noise in noises:
             group = [r for r in rows if r["domain"] == domain and r["noise"] == noise]
@@ -869,7 +869,7 @@ def _summary(
                     **{n: v["accuracy"] for n, v in base["benchmarks"].items()},
                     **_averages(base, domain, scale),
                 }
-                shown = [f"{100 * start_row[c]:.1f}" if not math.isnan(start_row.get(c, math.nan)) else "-"
+                shown = [fixed(100 * start_row[c]) if not math.isnan(start_row.get(c, math.nan)) else "-"
                          for c in columns]  # fmt: skip
                 lines.append("| starting model | - | " + " | ".join(shown) + " | - |")
             for variant in variants:

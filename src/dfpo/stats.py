@@ -65,6 +65,12 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (low + high)
 
 
+def fixed(value: float, digits: int = 1) -> str:
+    """``value`` with ``digits`` decimals, first rounded to 9 so that a mean's float noise (24.250000000000004
+    against 24.25) cannot print two equal values differently."""
+    return f"{round(value, 9):.{digits}f}"
+
+
 @dataclass(frozen=True)
 class Interval:
     """Mean of ``n`` values with the half-width of its two-sided ``level`` Student-t interval (nan for n < 2)."""
@@ -86,8 +92,8 @@ class Interval:
         if self.n == 0:
             return "-"
         if math.isnan(self.half_width):
-            return f"{self.mean * scale:.{digits}f}"
-        return f"{self.mean * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
+            return fixed(self.mean * scale, digits)
+        return f"{fixed(self.mean * scale, digits)} ± {fixed(self.half_width * scale, digits)}"
 
 
 def mean_interval(values: list[float], level: float = 0.95) -> Interval:
