@@ -45,6 +45,7 @@ def test_t_quantiles_and_intervals_match_the_tables():
     # equal values print equally, whatever float noise a mean carries: 0.2425 * 100 is 24.25 -> "24.2"
     starting = (0.26 + 0.25 + 0.23 + 0.23) / 4
     assert mean_interval([starting] * 3).show() == f"{fixed(100 * starting)} ± 0.0" == "24.2 ± 0.0"
+    assert fixed(100 * (sum([starting] * 3) / 3), sign=True) == "+24.2" and fixed(-0.0123, 3) == "-0.012"
     result = paired([0.6, 0.7, 0.5, 0.4], [0.5, 0.7, 0.6, 0.2], tie=0.005)
     assert (result.wins, result.ties, result.losses) == (2, 1, 1)
     assert result.difference.mean == pytest.approx(0.05)

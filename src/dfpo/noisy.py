@@ -906,8 +906,11 @@ def _stability_section(
             changes = [
                 r["ID AVG"] - start[r["domain"]] for r in rows if r["variant"] == variant and r["noise"] == noise
             ]
+            if not changes:
+                shown.append("-")
+                continue
             fell = sum(c < -drop for c in changes)
-            shown.append(f"{100 * sum(changes) / len(changes):+.1f} ({fell}/{len(changes)})" if changes else "-")
+            shown.append(f"{fixed(100 * sum(changes) / len(changes), sign=True)} ({fell}/{len(changes)})")
         lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
 
@@ -978,7 +981,7 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
                 sum(r[k] for r in group) / len(group) if group else math.nan
                 for k in ("critic_explained_var", "prompt_share", "explained_var_ceiling")
             ]
-            shown.append(" / ".join(f"{m:.3f}" for m in means) if group else "-")
+            shown.append(" / ".join(fixed(m, 3) for m in means) if group else "-")
         lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
 

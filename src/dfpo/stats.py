@@ -65,10 +65,10 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (low + high)
 
 
-def fixed(value: float, digits: int = 1) -> str:
-    """``value`` with ``digits`` decimals, first rounded to 9 so that a mean's float noise (24.250000000000004
-    against 24.25) cannot print two equal values differently."""
-    return f"{round(value, 9):.{digits}f}"
+def fixed(value: float, digits: int = 1, sign: bool = False) -> str:
+    """``value`` with ``digits`` decimals (and its sign, with ``sign``), first rounded to 9 so that a mean's float
+    noise (24.250000000000004 against 24.25) cannot print two equal values differently."""
+    return f"{round(value, 9):{'+' if sign else ''}.{digits}f}"
 
 
 @dataclass(frozen=True)
