@@ -96,6 +96,26 @@ def test_grid_cells_cover_every_combination_seed_by_seed():
     assert scale.peers("sub") == ("sub", "add")
 
 
+def test_domain_settings_change_memory_only_and_the_grid_can_override_them():
+    from dfpo.noisy import Cell, _budget, _cell_settings
+    from dfpo.training.config import build_config
+
+    memory_only = ("actor.micro_batch=", "actor.checkpoint_prompts=", "rollout.batch_size=")
+    for scale in SCALES.values():
+        for domain in scale.domains.values():
+            assert all(s.startswith(memory_only) for s in domain.settings), (domain.name, domain.settings)
+    scale = SCALES["smollm2"]
+    # CoQA's long prompts: the backward goes one prompt's samples at a time; math keeps the fused single pass
+    dialogue = _cell_settings(scale, _budget(NoisyConfig(), scale), Cell("dialogue", "dfpo", "reward_model", 0))
+    assert build_config(dialogue).actor.micro_batch == 4
+    math = _cell_settings(scale, _budget(NoisyConfig(), scale), Cell("math", "dfpo", "flip(0.2)", 0))
+    assert build_config(math).actor.micro_batch == 0
+    # a grid's own settings come later, so they win
+    budget = _budget(NoisyConfig(settings="actor.micro_batch=8"), scale)
+    overridden = _cell_settings(scale, budget, Cell("dialogue", "ppo", "reward_model", 0))
+    assert build_config(overridden).actor.micro_batch == 8
+
+
 @pytest.mark.parametrize("scale", ["tiny", "smollm2"])
 def test_arithmetic_benchmarks_hold_their_full_budget_of_the_right_problems(scale):
     # a benchmark filtered by a field must still have eval_limit examples, all of that kind

@@ -77,6 +77,8 @@ class Domain:
     noise: tuple[str, ...] = ()  # the supervision this domain is trained under, instead of the grid's
     about: str = ""
     evaluated_on: tuple[str, ...] = ()  # the domains whose benchmarks a cell trained here runs (empty: all)
+    # dfpo train settings of this domain's cells that change memory, not what is computed (e.g. micro-batches)
+    settings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,10 @@ SCALES: dict[str, Scale] = {
                 noise=("reward_model",),
                 about="CoQA, trained on a learned reward model, evaluated by F1",
                 evaluated_on=("dialogue",),
+                # CoQA prompts hold a whole passage (490 tokens on average, up to 1,170): the backward of 32 of them at
+                # once keeps attention activations beyond 24 GiB, so one prompt's 4 samples go through at a time
+                # (accumulated micro-batches give the same gradient)
+                settings=("actor.micro_batch=4",),
             ),
         },
         train=("math", "science"),
@@ -501,7 +507,7 @@ def _cell_settings(scale: Scale, budget: dict[str, Any], cell: Cell) -> list[str
         *(f"task_options.{k}={v}" for k, v in domain.options.items()),
         "eval.splits=", "log.progress=false", "log.samples_every=0",
         f"checkpoint.every={scale.checkpoint_every}", "checkpoint.keep=1",
-        *budget["settings"], *extra, *([f"actor.lr={cell.lr}"] if cell.lr else []),
+        *domain.settings, *budget["settings"], *extra, *([f"actor.lr={cell.lr}"] if cell.lr else []),
     ]  # fmt: skip
 
 
