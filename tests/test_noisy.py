@@ -97,7 +97,7 @@ def test_grid_cells_cover_every_combination_seed_by_seed():
 
 
 def test_domain_settings_change_memory_only_and_the_grid_can_override_them():
-    from dfpo.noisy import Cell, _budget, _cell_settings
+    from dfpo.noisy import Cell, _budget, _cell_settings, _domain_settings_line
     from dfpo.training.config import build_config
 
     memory_only = ("actor.micro_batch=", "actor.checkpoint_prompts=", "rollout.batch_size=")
@@ -114,6 +114,12 @@ def test_domain_settings_change_memory_only_and_the_grid_can_override_them():
     budget = _budget(NoisyConfig(settings="actor.micro_batch=8"), scale)
     overridden = _cell_settings(scale, budget, Cell("dialogue", "ppo", "reward_model", 0))
     assert build_config(overridden).actor.micro_batch == 8
+    # summary.md says what the cells ran with, read from their records
+    records = [{"domain": "math", "settings": math}, {"domain": "dialogue", "settings": dialogue}]
+    assert _domain_settings_line(scale, records[:1]) == []
+    assert "dialogue `actor.micro_batch=4`." in _domain_settings_line(scale, records)[0]
+    records.append({"domain": "dialogue", "settings": overridden})
+    assert "dialogue `actor.micro_batch=4` or `actor.micro_batch=8`." in _domain_settings_line(scale, records)[0]
 
 
 @pytest.mark.parametrize("scale", ["tiny", "smollm2"])

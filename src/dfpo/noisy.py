@@ -787,7 +787,7 @@ def write_report(out: Path) -> dict[str, Any]:
             "seconds": r["seconds"],
         })  # fmt: skip
     _write_csv(out / "cells.csv", rows)
-    lines = _summary(grid, scale, base, rows, benchmarks)
+    lines = _summary(grid, scale, base, rows, benchmarks, cells)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     if rows:
         _plot_curves(out, cells)
@@ -819,6 +819,24 @@ def _sessions_line(grid: dict[str, Any]) -> list[str]:
     return [f"Wall time of the grid: {wall / 3600:.2f} hours over {len(sessions)} invocation(s): {parts}."]
 
 
+def _domain_settings_line(scale: Scale, records: list[dict[str, Any]]) -> list[str]:
+    """The memory settings of each trained domain as its cells ran them (the last value of a key wins, as in
+    ``dfpo train``); nothing when no trained domain has any."""
+    parts = []
+    for domain in dict.fromkeys(r["domain"] for r in records):
+        keys = [s.split("=", 1)[0] + "=" for s in scale.domains[domain].settings]
+        ran = set()
+        for r in (r for r in records if r["domain"] == domain):
+            last = {key: s for s in r["settings"] for key in keys if s.startswith(key)}
+            ran.add(" ".join(last[key] for key in keys if key in last))
+        ran.discard("")
+        if ran:
+            parts.append(f"{domain} `{'` or `'.join(sorted(ran))}`")
+    if not parts:
+        return []
+    return [f"Memory settings of a domain's cells (the same gradient in less memory): {'; '.join(parts)}."]
+
+
 def _commands(commands: list[str]) -> str:
     """Each distinct command once, in first-run order, and how often the grid was invoked when it was resumed."""
     distinct = list(dict.fromkeys(commands))
@@ -831,7 +849,12 @@ def _ordered(values: list[str], order: list[str]) -> list[str]:
 
 
 def _summary(
-    grid: dict[str, Any], scale: Scale, base: dict[str, Any] | None, rows: list[dict[str, Any]], benchmarks: list[str]
+    grid: dict[str, Any],
+    scale: Scale,
+    base: dict[str, Any] | None,
+    rows: list[dict[str, Any]],
+    benchmarks: list[str],
+    records: list[dict[str, Any]],
 ) -> list[str]:
     b, m = grid["budget"], grid["machine"]
     seconds = sum(r["seconds"] for r in rows)
@@ -843,8 +866,9 @@ def _summary(
         f"Machine: {m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}; dfpo {m.get('code', 'version not recorded')}. "
         f"Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
-        f"processes ({len(rows)} cells, base and tuning cells not counted).",
+        f"processes ({len(rows)} cell{'' if len(rows) == 1 else 's'}, base and tuning cells not counted).",
         *_sessions_line(grid),
+        *_domain_settings_line(scale, records),
         "",
     ]  # fmt: skip
     if b["tune"]:
