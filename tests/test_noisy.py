@@ -5,10 +5,12 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +122,24 @@ def test_domain_settings_change_memory_only_and_the_grid_can_override_them():
     assert "dialogue `actor.micro_batch=4`." in _domain_settings_line(scale, records)[0]
     records.append({"domain": "dialogue", "settings": overridden})
     assert "dialogue `actor.micro_batch=4` or `actor.micro_batch=8`." in _domain_settings_line(scale, records)[0]
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.parametrize(
+    ("folder", "dialogue"), [("2026-11-23-noisy-smollm2-dialogue", True), ("2026-11-22-noisy-smollm2", False)]
+)
+def test_the_report_of_real_smollm2_cells_explains_their_settings_and_the_reward_model_ceiling(
+    folder, dialogue, tmp_path
+):
+    out = tmp_path / folder
+    shutil.copytree(RESULTS / folder, out, ignore=shutil.ignore_patterns("runs", "logs", "*.png"))
+    assert main(["bench", "noisy", f"out={out}", "report_only=true"]) == 0
+    summary = (out / "summary.md").read_text()
+    assert ("dialogue `actor.micro_batch=4`" in summary) == dialogue
+    assert ("Under `reward_model` the observed reward is a learned reward model's score" in summary) == dialogue
+    assert "## Critic explained variance" in summary
 
 
 @pytest.mark.parametrize("scale", ["tiny", "smollm2"])

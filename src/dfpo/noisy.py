@@ -1002,6 +1002,11 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
              "(1 - 2p)^2 Var(true) / Var(observed)): what a critic that knew whether each response is right could "
              "explain at its last token. The prompt share is the part between prompts (`reward/prompt_share`): what "
              "knowing only the prompt's success rate could explain at the first token.", "",
+             *(["Under `reward_model` the observed reward is a learned reward model's score, a deterministic "
+                "function of the prompt and response: a critic could explain all of it at the last token; the ceiling "
+                "column there is how much of it the true score explains (how closely the reward model tracks it), "
+                "not a bound.", ""]
+               if "reward_model" in noises else []),
              "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
     for variant in with_critic:
         shown = []
