@@ -14,7 +14,7 @@ from dfpo.config import ConfigError
 from dfpo.critics.value_flow import ValueFlowCritic
 from dfpo.training.algos import ALGOS
 from dfpo.training.config import build_config, flow_loss_options
-from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged
+from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged, micro_rows
 
 # Small enough for the test suite: 2 prompts x 2 samples, short replies, a few eval examples.
 SMALL = [
@@ -113,6 +113,36 @@ def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo,
             assert fused[key] == pytest.approx(split[key], rel=1e-3, abs=1e-6), key
 
 
+def test_micro_rows_fit_the_token_budget_in_whole_prompts():
+    assert micro_rows(16384, 681, 4) == 24  # CoQA at its mean padded length: 6 prompts' 4 samples
+    assert micro_rows(16384, 1203, 4) == 12  # at its longest: 13 fit, rounded down to 3 prompts
+    assert micro_rows(1000, 60, 3) == 15
+    assert micro_rows(200, 60, 4) == 3  # less than a prompt's samples fit: as many sequences as fit
+    assert micro_rows(10, 60, 4) == 1  # never fewer than one
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dfpo"])
+def test_micro_tokens_size_each_step_to_its_length(algo, tmp_path):
+    """A budget below one sequence's length runs one sequence per forward/backward, exactly as micro_batch=1; a
+    budget above the whole batch keeps the fused single pass."""
+    runs = {"micro1": "actor.micro_batch=1", "tokens1": "actor.micro_tokens=1", "fused": "actor.micro_batch=0",
+            "tokens_all": "actor.micro_tokens=10000"}  # fmt: skip
+    params, metrics = {}, {}
+    for name, setting in runs.items():
+        run_dir = tmp_path / name
+        config = build_config([f"algo={algo}", "steps=2", "critic.warmup_steps=0", setting, f"run_dir={run_dir}",
+                               *[s for s in SMALL if "warmup" not in s]])  # fmt: skip
+        trainer = Trainer(config)
+        trainer.run()
+        params[name], metrics[name] = _state(run_dir), _metrics(run_dir)
+    assert [m["perf/micro_batch"] for m in metrics["tokens1"]] == [1.0, 1.0]
+    assert [m["perf/micro_batch"] for m in metrics["tokens_all"]] == [4.0, 4.0]  # 2 prompts x 2 samples, one pass
+    for same, as_ in (("tokens1", "micro1"), ("tokens_all", "fused")):
+        assert _comparable(metrics[same]) == _comparable(metrics[as_])
+        for key in params[as_]:
+            assert torch.equal(params[same][key], params[as_][key]), (same, key)
+
+
 @pytest.mark.parametrize(("algo", "steps"), [("ppo", 2), ("dfpo", 1)])
 def test_activation_checkpointing_makes_the_same_updates(algo, steps, tmp_path):
     """actor.checkpoint_prompts=1 keeps no activations and recomputes each prompt's rows during the backward.
@@ -178,6 +208,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["critic.sample_steps=0"], "critic.sample_steps=0: must be at least 1"),
         (["precision=fp16"], "precision='fp16': valid values are fp32, bf16"),
         (["actor.checkpoint_prompts=-1"], "must be 0 (off) or at least 1"),
+        (["actor.micro_tokens=-5"], "actor.micro_tokens=-5: must be 0 (off) or a number of token positions"),
+        (["actor.micro_tokens=4096", "actor.micro_batch=4"], "both size the micro-batches: set one of them"),
         (["algo=nope"], "algo='nope': valid values are dfpo, ppo"),
         (["critic.kind=bogus"], "critic.kind='bogus': valid values are none, scalar"),
         (["critic.lr=fast"], "critic.lr='fast': expected float"),

@@ -57,6 +57,12 @@ class ActorOptions:
     epochs: int = option(1, "PPO epochs over each step's rollouts")
     minibatches: int = option(1, "optimizer steps per epoch; the step's sequences are split evenly")
     micro_batch: int = option(0, "sequences per forward/backward; gradients accumulate over a minibatch (0: all)")
+    micro_tokens: int = option(
+        0,
+        "k > 0 (with micro_batch=0): micro-batches sized each step to at most k token positions (sequences x the "
+        "step's padded length), whole prompts' samples where they fit: short batches run in one pass, long ones "
+        "(e.g. CoQA passages) in several, with the same gradient; 0: off",
+    )
     checkpoint_prompts: int = option(
         0,
         "k > 0: activation checkpointing: keep only the inputs of the policy's forward and recompute it during the "
@@ -376,6 +382,13 @@ def validate(c: TrainConfig) -> None:
     if c.actor.micro_batch < 0 or (c.actor.micro_batch and minibatch % c.actor.micro_batch):
         raise ConfigError(
             f"actor.micro_batch={c.actor.micro_batch} must divide the minibatch of {minibatch} sequences (or be 0)"
+        )
+    if c.actor.micro_tokens < 0:
+        raise ConfigError(f"actor.micro_tokens={c.actor.micro_tokens}: must be 0 (off) or a number of token positions")
+    if c.actor.micro_tokens and c.actor.micro_batch:
+        raise ConfigError(
+            f"actor.micro_batch={c.actor.micro_batch} and actor.micro_tokens={c.actor.micro_tokens} both size the "
+            "micro-batches: set one of them (micro_tokens adapts to each step's length; micro_batch is fixed)"
         )
     if c.noise.startswith("reward_model") and c.task != "dialogue":
         raise ConfigError(f"noise=reward_model scores CoQA answers: use it with task=dialogue (got task={c.task})")

@@ -131,6 +131,14 @@ def _stream_seed(seed: int, step: int, *key: int) -> int:
     return value % 2**63
 
 
+def micro_rows(budget: int, length: int, samples: int) -> int:
+    """Sequences per forward/backward under a budget of ``budget`` token positions, for sequences padded to
+    ``length``: as many as fit (at least one), and a whole number of prompts' ``samples`` when one prompt's fit,
+    so that a prompt's rows run their shared prompt once."""
+    fit = max(1, budget // max(1, length))
+    return fit - fit % samples if fit >= samples else fit
+
+
 class _NoLog:
     """What a process other than rank 0 logs: nothing (rank 0 writes the run's files)."""
 
@@ -306,6 +314,7 @@ class Trainer:
         self._policy_out: tuple[Tensor, Tensor | None] | None = None
         # the step's global batch shape [N, R], this rank's rows, and the key of the critic loss's draws
         self._global_shape, self._local_rows, self._draw_key = (0, 0), 0, 0
+        self._micro = c.actor.micro_batch  # sequences per forward/backward in this step's update (0: a minibatch)
 
     # -- construction ----------------------------------------------------------------------------------------
 
@@ -532,7 +541,9 @@ class Trainer:
         # score the rollout without gradients
         t = time.perf_counter()
         ids, attn, width = rollout.input_ids, rollout.attention_mask, mask.shape[1]
-        if self.fused:  # the update's forward, run now: its detached outputs are the rollout policy's
+        self._micro = self._micro_batch(ids.shape[1])
+        if self.fused and (not self._micro or self._micro >= len(ids)):
+            # the update's forward, run now: its detached outputs are the rollout policy's
             self.policy.train()
             self._policy_out = self._policy_forward(ids, attn, width, self._policy_needs_grad())
         batch = self._score_rollout(ids, attn, width, rollout.prompt_length)
@@ -613,6 +624,7 @@ class Trainer:
             "perf/generate_tokens_per_s": float(lengths.sum()) / max(times["generate"], 1e-9),
             "perf/score_tokens_per_s": tokens / max(times["score"], 1e-9),
             "perf/update_tokens_per_s": tokens * c.actor.epochs / max(times["update"], 1e-9),
+            "perf/micro_batch": float(min(self._micro or len(mask), len(mask) // c.actor.minibatches)),
             "perf/forward_positions": distributed.sum_scalar(float(forward_positions(ids, attn, width)), world),
             "perf/step_s": sum(times.values()),
             **{f"perf/{k}_s": v for k, v in times.items()},
@@ -741,6 +753,16 @@ class Trainer:
 
     # -- the update ------------------------------------------------------------------------------------------
 
+    def _micro_batch(self, length: int) -> int:
+        """Sequences per forward/backward in this step's update (0: a whole minibatch): ``actor.micro_batch``, or
+        under ``actor.micro_tokens`` as many as fit at the step's padded ``length``, the longest over all
+        processes so that every process runs the same number of passes."""
+        c = self.config
+        if not c.actor.micro_tokens:
+            return c.actor.micro_batch
+        length = int(distributed.max_scalar(float(length), self.world))
+        return micro_rows(c.actor.micro_tokens, length, c.rollout.samples)
+
     def _update(self, batch: dict[str, Tensor], width: int) -> tuple[dict[str, float], bool]:
         """PPO epochs over minibatches; returns the mean metrics and whether any minibatch was skipped."""
         c = self.config
@@ -748,7 +770,7 @@ class Trainer:
         local = batch["ids"].shape[0]
         offset, n = self.world.rank * local, self.world.size * local
         size = n // c.actor.minibatches
-        micro = c.actor.micro_batch or size
+        micro = self._micro or size
         records: list[dict[str, float]] = []
         skipped = False
         self.policy.train()
