@@ -93,18 +93,18 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
 
 
 def sum_scalar(value: float, world: World) -> float:
-    return _reduce_scalar(value, world, "sum")
+    return _reduce_scalar(value, world, dist.ReduceOp.SUM)
 
 
 def max_scalar(value: float, world: World) -> float:
-    return _reduce_scalar(value, world, "max")
+    return _reduce_scalar(value, world, dist.ReduceOp.MAX)
 
 
-def _reduce_scalar(value: float, world: World, op: str) -> float:
+def _reduce_scalar(value: float, world: World, op: Any) -> float:
     if not world.active:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=world.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return float(t)
 
 

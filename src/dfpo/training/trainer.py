@@ -135,7 +135,7 @@ def micro_rows(budget: int, length: int, samples: int) -> int:
     """Sequences per forward/backward under a budget of ``budget`` token positions, for sequences padded to
     ``length``: as many as fit (at least one), and a whole number of prompts' ``samples`` when one prompt's fit,
     so that a prompt's rows run their shared prompt once."""
-    fit = max(1, budget // max(1, length))
+    fit = max(1, budget // length)
     return fit - fit % samples if fit >= samples else fit
 
 
@@ -314,7 +314,6 @@ class Trainer:
         self._policy_out: tuple[Tensor, Tensor | None] | None = None
         # the step's global batch shape [N, R], this rank's rows, and the key of the critic loss's draws
         self._global_shape, self._local_rows, self._draw_key = (0, 0), 0, 0
-        self._micro = c.actor.micro_batch  # sequences per forward/backward in this step's update (0: a minibatch)
 
     # -- construction ----------------------------------------------------------------------------------------
 
@@ -541,8 +540,8 @@ class Trainer:
         # score the rollout without gradients
         t = time.perf_counter()
         ids, attn, width = rollout.input_ids, rollout.attention_mask, mask.shape[1]
-        self._micro = self._micro_batch(ids.shape[1])
-        if self.fused and (not self._micro or self._micro >= len(ids)):
+        micro = self._micro_batch(ids.shape[1])  # sequences per forward/backward in the update (0: a minibatch)
+        if self.fused and (not micro or micro >= len(ids)):
             # the update's forward, run now: its detached outputs are the rollout policy's
             self.policy.train()
             self._policy_out = self._policy_forward(ids, attn, width, self._policy_needs_grad())
@@ -591,7 +590,7 @@ class Trainer:
             batch["seq_reward"] = ((adv * g_mask).sum(-1) / g_mask.sum(-1).clamp_min(1.0))[rows]
 
         t = time.perf_counter()
-        update_metrics, skipped = self._update(batch, width)
+        update_metrics, skipped = self._update(batch, width, micro)
         if c.critic.updates > 1 and self.critic is not None:
             update_metrics.update(self._critic_steps(batch, c.critic.updates - 1))
         self._policy_out = None
@@ -624,7 +623,7 @@ class Trainer:
             "perf/generate_tokens_per_s": float(lengths.sum()) / max(times["generate"], 1e-9),
             "perf/score_tokens_per_s": tokens / max(times["score"], 1e-9),
             "perf/update_tokens_per_s": tokens * c.actor.epochs / max(times["update"], 1e-9),
-            "perf/micro_batch": float(min(self._micro or len(mask), len(mask) // c.actor.minibatches)),
+            "perf/micro_batch": float(min(micro or len(mask), len(mask) // c.actor.minibatches)),
             "perf/forward_positions": distributed.sum_scalar(float(forward_positions(ids, attn, width)), world),
             "perf/step_s": sum(times.values()),
             **{f"perf/{k}_s": v for k, v in times.items()},
@@ -763,14 +762,15 @@ class Trainer:
         length = int(distributed.max_scalar(float(length), self.world))
         return micro_rows(c.actor.micro_tokens, length, c.rollout.samples)
 
-    def _update(self, batch: dict[str, Tensor], width: int) -> tuple[dict[str, float], bool]:
-        """PPO epochs over minibatches; returns the mean metrics and whether any minibatch was skipped."""
+    def _update(self, batch: dict[str, Tensor], width: int, micro: int) -> tuple[dict[str, float], bool]:
+        """PPO epochs over minibatches of ``micro`` sequences per forward/backward (0: a whole minibatch); returns
+        the mean metrics and whether any minibatch was skipped."""
         c = self.config
         actor_active = self.critic is None or self.step > c.critic.warmup_steps
         local = batch["ids"].shape[0]
         offset, n = self.world.rank * local, self.world.size * local
         size = n // c.actor.minibatches
-        micro = self._micro or size
+        micro = micro or size
         records: list[dict[str, float]] = []
         skipped = False
         self.policy.train()
