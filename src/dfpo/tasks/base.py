@@ -25,9 +25,14 @@ Messages = list[dict[str, str]]
 
 
 class Task(ABC):
-    """Base class: subclasses set ``name`` and ``splits`` and implement :meth:`examples` and :meth:`score`."""
+    """Base class: subclasses set ``name`` and ``splits`` and implement :meth:`examples` and :meth:`score`.
+
+    ``reward_range`` is the interval every reward lies in, which a critic may clamp its values to: [0, 1] for the
+    built-in tasks, ``None`` when rewards are unbounded (the user's reward function).
+    """
 
     name: str = ""
+    reward_range: tuple[float, float] | None = (0.0, 1.0)
     splits: tuple[str, ...] = ("train", "eval")
     system_prompt: str | None = None
     few_shot: int = 0  # worked train examples shown as earlier chat turns, to teach the answer format

@@ -55,7 +55,8 @@ def preset(name: str) -> Preset:
 
 def task_options_for(model: str, task: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with the settings a model needs to read a task at all: the embedded tiny model was trained on
-    terse arithmetic prompts only, so arithmetic for ``tiny`` defaults to ``prompt_style="terse"``."""
-    if model == "tiny" and task == "arithmetic":
+    terse arithmetic prompts only, so arithmetic, and ``known_value`` (arithmetic prompts), for ``tiny`` default to
+    ``prompt_style="terse"``."""
+    if model == "tiny" and task in ("arithmetic", "known_value"):
         return {"prompt_style": "terse", **options}
     return dict(options)

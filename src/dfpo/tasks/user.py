@@ -161,6 +161,7 @@ class UserTask(Task):
     """
 
     name = "user"
+    reward_range = None  # a reward function may return any finite float
 
     def __init__(
         self,
