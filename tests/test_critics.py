@@ -106,7 +106,7 @@ def test_flow_critic_starts_as_the_identity_flow(gen):
     hidden = torch.randn(3, 5, 12, generator=gen)
     samples = critic.sample(hidden, num_samples=16)
     assert samples.shape == (3, 5, 16)
-    torch.testing.assert_close(samples, 2.0 * stratified_noise((3, 5), 16))
+    torch.testing.assert_close(samples, 2.0 * stratified_noise((3, 5), 16, std=critic.noise_std))
     torch.testing.assert_close(critic.value(hidden), torch.zeros(3, 5), atol=1e-6, rtol=0)
     bounded = ValueFlowCritic(12, value_range=(0.0, 1.0)).sample(hidden, 16).detach()
     assert float(bounded.min()) >= 0.0 and float(bounded.max()) <= 1.0
@@ -118,17 +118,21 @@ def test_flow_critic_loss_runs_with_every_option_and_any_k(gen):
     mask = right_padded_mask([3, 2], 3)
     for k in (2, 5, 33):
         targets = torch.randn(2, 3, k, generator=gen)
+        flow_matching = {"cfm_weight": 1.0}
         for options in (
             {},
-            {"coupling": "independent", "uncertainty_weight": "inverse", "consistency": "velocity"},
-            {"anchor": "td", "anchor_samples": targets + 0.1, "uncertainty_weight": "none", "consistency": "none"},
-            {"anchor": "none", "risk_weight": 0.0, "shift_weight": 1.0, "curvature_weight": 1.0},
-            {"anchor": "quantile", "consistency": "endpoint", "shape_weight": 1.0},
-        ):
+            {**flow_matching, "coupling": "independent", "uncertainty_weight": "inverse", "consistency": "velocity"},
+            {**flow_matching, "anchor": "td", "anchor_samples": targets + 0.1, "uncertainty_weight": "none",
+             "consistency": "none"},
+            {**flow_matching, "anchor": "none", "risk_weight": 0.0, "shift_weight": 1.0, "curvature_weight": 1.0},
+            {"anchor": "mean", "consistency": "endpoint", "shape_weight": 1.0, "risk_targets": "token"},
+        ):  # fmt: skip
             loss, metrics = critic.loss(hidden, targets, mask, generator=gen, **options)
             assert torch.isfinite(loss)
             loss.backward()
-            assert "critic/cfm_loss" in metrics and "critic/dist_std" in metrics
+            assert ("critic/cfm_loss" in metrics) == ("cfm_weight" in options)
+            assert ("critic/anchor_loss" in metrics) == (options.get("anchor") != "none")
+            assert "critic/dist_std" in metrics
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 

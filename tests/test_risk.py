@@ -9,6 +9,9 @@ from dfpo.core.risk import (
     head_consistency,
     lower_tail,
     mean_shift,
+    pooled_cvar,
+    pooled_tail_spread,
+    pooled_upper_mean,
     risk_loss,
     tail_curvature,
     tail_shape,
@@ -114,8 +117,48 @@ def test_risk_loss_weights_and_metrics():
     target = base().expand(3, K)
     pred = (target + 0.1).requires_grad_(True)
     mask = torch.tensor([1.0, 1.0, 0.0])
-    total, metrics = risk_loss(pred, target, mask, shift_weight=0.0, curvature_weight=0.0)
+    total, metrics = risk_loss(pred, target, mask, shift_weight=0.0, curvature_weight=0.0, targets="token")
     assert set(metrics) == {"critic/risk_cvar", "critic/risk_gain", "critic/risk_shape"}
     assert float(total.detach()) == pytest.approx(0.01 + 0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="pooled, token"):
+        risk_loss(pred, target, mask, targets="tokens")
     total, metrics = risk_loss(pred, target, mask, cvar_weight=0.0, gain_weight=0.0, shape_weight=0.0)
     assert float(total.detach()) == 0.0 and metrics == {}
+
+
+def test_pooled_tail_estimates_are_unbiased_over_trajectories():
+    """One return per token (all K' targets equal): averaged over tokens, the per-token estimates at the true
+    quantile give the pooled CVaR, upper-tail mean and tail spreads, atoms included."""
+    g = torch.Generator().manual_seed(0)
+    returns = torch.where(torch.rand(200_000, generator=g) < 0.3, 1.0, 0.0) + 0.5 * (
+        torch.rand(200_000, generator=g) < 0.1
+    )  # atoms at 0, 0.5, 1, 1.5
+    target = returns[:, None].expand(-1, 4)
+    ordered = torch.sort(returns).values
+    n = len(ordered)
+    for alpha in (0.1, 0.25):
+        q_low, q_high = torch.quantile(returns, alpha), torch.quantile(returns, 1 - alpha)
+        var_low, var_high = q_low.expand(n), q_high.expand(n)
+        true_low, true_high = ordered[: int(alpha * n)], ordered[n - int(alpha * n) :]
+        assert float(pooled_cvar(target, var_low, alpha).mean()) == pytest.approx(float(true_low.mean()), abs=0.01)
+        upper = float(pooled_upper_mean(target, var_high, alpha).mean())
+        assert upper == pytest.approx(float(true_high.mean()), abs=0.01)
+        spread = float(pooled_tail_spread(target, var_low, alpha, lower=True).mean())
+        assert spread == pytest.approx(float(((true_low - q_low) ** 2).mean()), abs=0.01)
+
+
+def test_pooled_risk_terms_do_not_pull_a_calibrated_distribution_onto_each_token():
+    """A prediction equal to the pooled quantiles is (close to) stationary under the pooled terms, while the
+    per-token terms push its tails towards each token's own return."""
+    levels = (torch.arange(K) + 0.5) / K
+    truth = (levels > 0.7).float()  # quantiles of Bernoulli(0.3)
+    returns = (torch.rand(4000, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    target = returns[:, None].expand(-1, 8)
+    mask = torch.ones(len(returns))
+    grads = {}
+    for form in ("pooled", "token"):
+        pred = truth.expand(len(returns), K).clone().requires_grad_(True)
+        total, _ = risk_loss(pred, target, mask, targets=form)
+        total.backward()
+        grads[form] = float(pred.grad.sum(0).abs().max() * len(returns))
+    assert grads["pooled"] < 0.1 * grads["token"], grads

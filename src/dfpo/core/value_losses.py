@@ -43,14 +43,20 @@ def quantile_levels(num_quantiles: int, device: torch.device | None = None, dtyp
 
 
 def quantile_huber(
-    quantiles: Tensor, targets: Tensor, mask: Tensor, kappa: float = 1.0, taus: Tensor | None = None
+    quantiles: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    kappa: float = 0.02,
+    taus: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Quantile-Huber regression of ``M`` predicted quantiles onto ``K`` target samples, over all pairs.
 
     ``rho_tau(u) = |tau - 1{u < 0}| * H_kappa(u) / kappa`` with ``u = target_j - quantile_i`` and the Huber
     loss ``H_kappa``; averaged over the ``M x K`` pairs, then over valid tokens. ``kappa -> 0`` is the pinball
     loss whose minimiser is the exact quantile; with ``kappa`` large against the return spread the minimiser
-    drifts towards an expectile, so scale returns (or ``kappa``) accordingly.
+    drifts towards an expectile (``kappa = 1`` on 0/1 returns learns a mean of 0.27 for a Bernoulli(0.2)
+    return), so keep ``kappa`` small against the spread (default 0.02 return units).
 
     The sum over all pairs is computed exactly without forming the ``[..., M, K]`` pair tensor: with the targets
     sorted, each quantile splits them into four runs (``u < -kappa``, ``-kappa <= u < 0``, ``0 <= u <= kappa``,
@@ -63,6 +69,7 @@ def quantile_huber(
         quantiles: ``[..., M]`` predictions at levels ``taus`` (default midpoints), with grad.
         targets: ``[..., K]`` target samples (broadcastable to ``quantiles``' leading dims), no grad.
         mask: ``[...]``.
+        weight: ``[...]`` per-token weight (no grad); default 1.
     """
     if taus is None:
         taus = quantile_levels(quantiles.shape[-1], quantiles.device, quantiles.dtype)
@@ -95,12 +102,14 @@ def quantile_huber(
     upper = 0.5 * (sq_c - 2 * q * sum_c + n_c * q * q) + kappa * (sum_d - n_d * (q + 0.5 * kappa))
     pairs = (1.0 - tau) * lower + tau * upper  # [..., M]: each quantile's loss summed over the K targets
     per_token = (pairs.sum(-1) / (kappa * num_quantiles * num_targets)).to(quantiles.dtype)
+    if weight is not None:
+        per_token = per_token * weight
     loss = masked_mean(per_token, mask)
     return loss, {"critic/quantile_loss": float(loss.detach())}
 
 
 def quantile_huber_pairs(
-    quantiles: Tensor, targets: Tensor, mask: Tensor, kappa: float = 1.0, taus: Tensor | None = None
+    quantiles: Tensor, targets: Tensor, mask: Tensor, kappa: float = 0.02, taus: Tensor | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """:func:`quantile_huber` computed directly over the ``[..., M, K]`` pairs (memory and time ``O(M K)``)."""
     if taus is None:

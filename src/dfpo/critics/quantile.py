@@ -23,6 +23,7 @@ class QuantileCritic(nn.Module):
         num_heads: ``N`` heads (DVPO: 3); the critic's distribution is their mean.
         width: hidden width of the shared MLP.
         return_scale: typical return magnitude; ``kappa`` of the loss is in these units.
+        value_range: optional ``(low, high)`` feasible return range; :meth:`quantiles` clamps to it.
     """
 
     def __init__(
@@ -32,9 +33,11 @@ class QuantileCritic(nn.Module):
         num_heads: int = 3,
         width: int = 256,
         return_scale: float = 1.0,
+        value_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.num_quantiles, self.num_heads, self.return_scale = num_quantiles, num_heads, return_scale
+        self.value_range = value_range
         self.trunk = nn.Sequential(
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, width),
@@ -52,8 +55,9 @@ class QuantileCritic(nn.Module):
         return self.return_scale * raw.unflatten(-1, (self.num_heads, self.num_quantiles))
 
     def quantiles(self, hidden: Tensor) -> Tensor:
-        """The critic's distribution: mean over heads, sorted, ``[..., H] -> [..., M]``."""
-        return torch.sort(self(hidden).mean(-2), dim=-1).values
+        """The critic's distribution: mean over heads, sorted, clamped to ``value_range``, ``[..., H] -> [..., M]``."""
+        q = torch.sort(self(hidden).mean(-2), dim=-1).values
+        return q if self.value_range is None else q.clamp(*self.value_range)
 
     def value(self, hidden: Tensor) -> Tensor:
         """``V = mean of the quantiles``, ``[..., H] -> [...]``."""
@@ -65,7 +69,7 @@ class QuantileCritic(nn.Module):
         target_samples: Tensor,
         mask: Tensor,
         *,
-        kappa: float = 1.0,
+        kappa: float = 0.02,
         risk_weight: float = 0.1,
         risk_alpha: float = 0.1,
         risk_beta: float = 0.1,
@@ -75,6 +79,7 @@ class QuantileCritic(nn.Module):
         shift_weight: float = 0.0,
         curvature_weight: float = 0.0,
         consistency_weight: float = 0.1,
+        risk_targets: str = "pooled",
     ) -> tuple[Tensor, dict[str, float]]:
         """Quantile Huber of every head onto the targets + ``risk_weight`` * risk terms on the mean head
         + ``consistency_weight`` * mean pairwise squared difference between heads.
@@ -93,7 +98,7 @@ class QuantileCritic(nn.Module):
         mean_head = heads.mean(-2)
         risk, risk_metrics = risk_loss(
             mean_head, targets, mask, risk_alpha, risk_beta, cvar_weight, gain_weight, shape_weight,
-            shift_weight, curvature_weight,
+            shift_weight, curvature_weight, risk_targets,
         )  # fmt: skip
         consistency = masked_mean(head_consistency(heads), mask)
         loss = qh_loss + risk_weight * risk + consistency_weight * consistency

@@ -1,9 +1,19 @@
 """DFPO's distributional critic: a value flow.
 
 A velocity field ``v(z, tau | h)`` carries base noise ``eps ~ N(0, sigma0^2)`` at ``tau = 0`` to samples of the
-return at ``tau = 1``; inference is one Euler step, ``Z = eps + v(eps, 0 | h)``. The field is trained by flow
-matching on straight paths between *sorted* noise and *sorted* target samples (the 1-D optimal-transport
-coupling), which is what makes one step reproduce the whole distribution rather than its mean.
+return at ``tau = 1``; inference is one Euler step, ``Z = eps + v(eps, 0 | h)``, from sorted stratified noise, so
+the ``K`` samples are quantiles at levels ``(k + 1/2) / K``.
+
+How it is trained depends on what its targets are. A trainer gives each token the ``K`` targets of ONE trajectory
+(distributional GAE; with ``lam = 1`` all ``K`` equal the observed return), so the return's distribution from a
+state is only visible pooled over trajectories. Flow matching onto one trajectory's targets then learns the
+marginal field, whose single Euler step lands on the *mean* (the distribution collapses), whatever the coupling.
+The default loss therefore fits the one-step samples by quantile regression at their levels (the ``quantile``
+anchor, whose minimiser is the pooled quantile function), keeps the field straight along the one-step lines
+(``velocity`` consistency, so that more Euler steps give the same samples), and calibrates the tails against the
+pooled distribution (:mod:`dfpo.core.risk`). Flow matching between sorted noise and sorted targets (the 1-D
+optimal-transport coupling) is kept as ``cfm_weight``: it is what to use when every token has ``K`` i.i.d. draws
+of its own return distribution, and an ablation in the trainer.
 """
 
 from __future__ import annotations
@@ -90,7 +100,8 @@ class ValueFlowCritic(nn.Module):
         num_blocks: residual blocks.
         num_frequencies: Fourier frequencies for ``z`` and ``tau`` (``pi/4 * 2^j``).
         return_scale: typical return magnitude (1 for {0, 1} rewards).
-        noise_std: ``sigma0`` of the base noise, in units of ``return_scale``.
+        noise_std: ``sigma0`` of the base noise, in units of ``return_scale``; the flow starts as the identity, so
+            this is the initial spread of the samples (0.25: the initial samples are not wider than a 0/1 return).
         value_range: optional ``(low, high)`` feasible return range; :meth:`sample` clamps to it.
     """
 
@@ -101,7 +112,7 @@ class ValueFlowCritic(nn.Module):
         num_blocks: int = 2,
         num_frequencies: int = 6,
         return_scale: float = 1.0,
-        noise_std: float = 1.0,
+        noise_std: float = 0.25,
         value_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
@@ -217,12 +228,12 @@ class ValueFlowCritic(nn.Module):
         noise_jitter: bool = True,
         uncertainty_weight: str = "valueflows",
         uncertainty_c: float = 0.3,
-        anchor: str = "mean",
+        anchor: str = "quantile",
         anchor_weight: float = 1.0,
         anchor_samples: Tensor | None = None,
-        anchor_kappa: float = 0.05,
+        anchor_kappa: float = 0.02,
         consistency: str = "velocity",
-        consistency_weight: float = 1.0,
+        consistency_weight: float = 0.1,
         consistency_steps: int = 4,
         risk_weight: float = 0.1,
         risk_alpha: float = 0.1,
@@ -233,12 +244,16 @@ class ValueFlowCritic(nn.Module):
         sample_steps: int = 1,
         shift_weight: float = 0.0,
         curvature_weight: float = 0.0,
+        risk_targets: str = "pooled",
+        cfm_weight: float = 0.0,
         generator: torch.Generator | None = None,
         uniform: Callable[[tuple[int, ...]], Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The critic's training loss.
 
-        ``L = L_cfm + anchor_weight * L_anchor + consistency_weight * L_geo + risk_weight * L_risk``:
+        ``L = cfm_weight * L_cfm + anchor_weight * L_anchor + consistency_weight * L_geo + risk_weight * L_risk``
+        (defaults: the quantile anchor, velocity consistency 0.1, pooled risk terms 0.1, no flow matching; see the
+        module docstring for why):
 
         - ``L_cfm``: flow matching on straight paths ``x_tau = (1 - tau) eps_(k) + tau Zhat_(k)``,
           ``u = Zhat_(k) - eps_(k)``, ``tau ~ U(0, 1)``, weighted per token by the uncertainty weight
@@ -246,13 +261,16 @@ class ValueFlowCritic(nn.Module):
           ``none`` is 1), ``sigma`` the std of the critic's current one-step samples (no grad).
           ``coupling="sorted"`` pairs sorted noise with sorted targets; ``"independent"`` pairs i.i.d. noise
           with targets in random order, under which flow matching alone collapses one-step samples to the mean.
-        - ``L_anchor``: ``mean``: squared error of the one-step mean onto the target mean; ``quantile``: quantile
-          Huber (``anchor_kappa``) of the one-step samples at levels ``(k + 1/2) / K`` onto all targets, whose
-          minimiser is the quantile of the targets pooled over tokens; ``td``: the same flow matching onto
+        - ``L_anchor``: ``quantile``: quantile Huber (``anchor_kappa``, small against the return spread) of the
+          one-step samples at levels ``(k + 1/2) / K`` onto all targets, weighted per token by the uncertainty
+          weight, whose minimiser is the quantile function of the targets pooled over trajectories; ``mean``:
+          squared error of the one-step mean onto the target mean; ``td``: the same flow matching onto
           ``anchor_samples`` (one-step TD targets ``r_t + gamma Z_{t+1}``); ``none``.
         - ``L_geo``: ``endpoint``: one-step samples onto the stop-gradient ``consistency_steps``-step Euler
-          solution from the same noise; ``velocity``: ``v`` along the one-step line equals ``v(eps, 0)``; ``none``.
-        - ``L_risk``: :func:`dfpo.core.risk.risk_loss` of the sorted one-step samples against the targets.
+          solution from the same noise; ``velocity``: ``v`` along the one-step line equals the (stop-gradient)
+          one-step displacement ``v(eps, 0)``; ``none``.
+        - ``L_risk``: :func:`dfpo.core.risk.risk_loss` of the sorted one-step samples against the targets,
+          ``risk_targets="pooled"`` (calibrated across trajectories) or ``"token"`` (each token's own targets).
 
         The anchor, consistency and risk terms see the samples the critic gives at inference: one Euler step, or
         ``sample_steps`` steps (an ablation; :meth:`sample` with the same ``steps``).
@@ -298,15 +316,18 @@ class ValueFlowCritic(nn.Module):
             weight = None
 
         draws = (generator, uniform)
-        cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, draws)
-        total = cfm
-        metrics: dict[str, float] = {"critic/cfm_loss": float(cfm.detach())}
+        metrics: dict[str, float] = {}
+        total = hidden.new_zeros(())
+        if cfm_weight != 0.0:
+            cfm, _ = self._flow_matching(cond, targets, mask, weight, coupling, noise_jitter, draws)
+            total = total + cfm_weight * cfm
+            metrics["critic/cfm_loss"] = float(cfm.detach())
 
         if anchor == "mean":
             anchor_loss = masked_mean((one_step.mean(-1) - targets.mean(-1)) ** 2, mask)
         elif anchor == "quantile":
             levels = quantile_levels(num_samples, hidden.device, hidden.dtype)
-            anchor_loss, _ = quantile_huber(one_step, targets, mask, kappa=anchor_kappa, taus=levels)
+            anchor_loss, _ = quantile_huber(one_step, targets, mask, kappa=anchor_kappa, taus=levels, weight=weight)
         elif anchor == "td":
             anchor_targets = anchor_samples.detach() / self.return_scale
             anchor_loss, _ = self._flow_matching(cond, anchor_targets, mask, weight, coupling, noise_jitter, draws)
@@ -323,7 +344,7 @@ class ValueFlowCritic(nn.Module):
         if risk_weight != 0.0:
             risk, risk_metrics = risk_loss(
                 one_step, targets, mask, risk_alpha, risk_beta, cvar_weight, gain_weight, shape_weight,
-                shift_weight, curvature_weight,
+                shift_weight, curvature_weight, risk_targets,
             )  # fmt: skip
             total = total + risk_weight * risk
             metrics.update(risk_metrics)
@@ -388,5 +409,8 @@ class ValueFlowCritic(nn.Module):
             return ((one_step - solution) ** 2).mean(-1)
         v0 = one_step - eps
         tau = _rand(tuple(eps.shape), *draws, device=eps.device, dtype=eps.dtype)
-        v_tau = self.velocity(eps + tau * v0.detach(), tau, cond)
+        # the one-step displacement is the target, not a learner: pulling it towards the field would move the
+        # one-step samples off the quantiles the anchor fits (and widen narrow distributions)
+        v0 = v0.detach()
+        v_tau = self.velocity(eps + tau * v0, tau, cond)
         return ((v_tau - v0) ** 2).mean(-1)

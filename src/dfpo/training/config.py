@@ -109,6 +109,14 @@ class CriticOptions:
     quantiles: int = option(200, "M quantiles per head of a quantile critic")
     return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
     risk_weight: float = option(0.1, "weight of the risk terms (CVaR, upper-tail gain, tail shape)")
+    risk_targets: str = option(
+        "pooled",
+        "what the risk terms calibrate against: pooled (the return distribution pooled over trajectories, of which "
+        "each token sees one) or token (each token's own targets, as DVPO writes it: collapses the distribution)",
+    )
+    kappa: float = option(
+        0.02, "quantile critic: Huber threshold of the quantile loss in return_scale units (small: quantiles)"
+    )
     pessimism: float = option(0.0, "ensemble critic: quantile of the members' targets (0: the minimum)")
     flow: dict = option({}, "extra options of ValueFlowCritic.loss, e.g. critic.flow.coupling=independent")
     lora_rank: int = option(0, "r > 0: LoRA adapters of rank r on a separate critic trunk instead of all its weights")
@@ -232,7 +240,9 @@ def _one_of(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
 
 
 # keyword arguments of ValueFlowCritic.loss that the trainer sets itself
-_FLOW_RESERVED = ("self", "hidden", "target_samples", "mask", "anchor_samples", "risk_weight", "sample_steps")
+_FLOW_RESERVED = (
+    "self", "hidden", "target_samples", "mask", "anchor_samples", "risk_weight", "sample_steps", "risk_targets",
+)  # fmt: skip
 
 
 def flow_loss_options(flow: dict[str, Any]) -> dict[str, Any]:
@@ -357,6 +367,9 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
     if c.critic.kind == "flow":
         flow_loss_options(c.critic.flow)
+    _one_of("critic.risk_targets", c.critic.risk_targets, ("pooled", "token"))
+    if not c.critic.kappa > 0:
+        raise ConfigError(f"critic.kappa={c.critic.kappa}: must be > 0 (e.g. 0.02; small against the return spread)")
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
     if c.critic.updates < 1:

@@ -938,9 +938,10 @@ class Trainer:
             old = batch["ensemble"][part] if k.kind == "ensemble" else batch["values"][part]
             return self.critic.loss(hidden, targets, mask, old_values=old, clip=k.value_clip or None)
         if k.kind == "quantile":
-            return self.critic.loss(hidden, targets, mask, risk_weight=k.risk_weight)
+            return self.critic.loss(hidden, targets, mask, kappa=k.kappa, risk_weight=k.risk_weight,
+                                    risk_targets=k.risk_targets)  # fmt: skip
         return self.critic.loss(
-            hidden, targets, mask, risk_weight=k.risk_weight, sample_steps=k.sample_steps,
+            hidden, targets, mask, risk_weight=k.risk_weight, risk_targets=k.risk_targets, sample_steps=k.sample_steps,
             uniform=self._keyed_uniform(part), **self._flow_options,
         )  # fmt: skip
 
