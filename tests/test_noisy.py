@@ -333,4 +333,4 @@ def test_noisy_help_lists_its_keys(capsys):
     shown = capsys.readouterr().out
     assert "algos" in shown and "ablations" in shown and "workers" in shown
     assert main(["bench", "nope"]) == 2
-    assert "dfpo bench {throughput,noisy}" in capsys.readouterr().err
+    assert "dfpo bench {throughput,noisy,critic}" in capsys.readouterr().err

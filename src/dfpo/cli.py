@@ -207,19 +207,26 @@ def run_list(argv: list[str], command: str) -> None:
 
 def _benches() -> dict[str, tuple[type, Any]]:
     from dfpo.bench import ThroughputConfig, run_throughput
+    from dfpo.experiments.critic_learning import CriticBenchConfig, run_critic_bench
     from dfpo.noisy import NoisyConfig, run_noisy
 
-    return {"throughput": (ThroughputConfig, run_throughput), "noisy": (NoisyConfig, run_noisy)}
+    return {
+        "throughput": (ThroughputConfig, run_throughput),
+        "noisy": (NoisyConfig, run_noisy),
+        "critic": (CriticBenchConfig, run_critic_bench),
+    }
 
 
 def run_bench(argv: list[str], command: str) -> dict[str, Any]:
     """``dfpo bench throughput [key=value ...]``: per-phase step time, MFU and peak memory per algorithm, and TRL's
     GRPOTrainer side by side (``algos=grpo,dfpo,trl``). ``dfpo bench noisy [key=value ...]``: the noisy-supervision
-    benchmark, algorithms x supervision x seeds trained per domain and evaluated in and out of domain."""
+    benchmark, algorithms x supervision x seeds trained per domain and evaluated in and out of domain.
+    ``dfpo bench critic [key=value ...]``: each critic's explained variance against a ridge probe's ceiling on
+    tasks whose value is known, and distributional critics against the known return distribution."""
     benches = _benches()
     if not argv or argv[0] not in benches:
         raise ConfigError(
-            "usage: dfpo bench {throughput,noisy} [key=value ...] (dfpo bench NAME --help lists the keys)"
+            "usage: dfpo bench {throughput,noisy,critic} [key=value ...] (dfpo bench NAME --help lists the keys)"
         )
     config_type, run = benches[argv[0]]
     return run(apply_overrides(config_type(), argv[1:]), command)

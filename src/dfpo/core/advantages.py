@@ -25,13 +25,15 @@ get = ADVANTAGES.get
 names = ADVANTAGES.names
 
 
-def _reverse_scan(deltas: Tensor, mask: Tensor, decay: float) -> Tensor:
+def _reverse_scan(deltas: Tensor, mask: Tensor, decay: float | Tensor) -> Tensor:
     """``out_t = delta_t + decay * out_{t'}`` where ``t'`` is the next valid position after ``t``.
 
-    ``deltas [B, T, ...]``, ``mask [B, T]``. Masked positions output 0 and are skipped (the carry passes through
-    them unchanged), so padding never enters the recursion.
+    ``deltas [B, T, ...]``, ``mask [B, T]``, ``decay`` a float or one per sequence ``[B]``. Masked positions output
+    0 and are skipped (the carry passes through them unchanged), so padding never enters the recursion.
     """
     valid = mask.bool().reshape(mask.shape + (1,) * (deltas.dim() - 2))
+    if isinstance(decay, Tensor):
+        decay = decay.to(deltas.dtype).reshape(decay.shape[:1] + (1,) * (deltas.dim() - 2))
     out = torch.zeros_like(deltas)
     carry = torch.zeros_like(deltas[:, 0])
     for t in range(deltas.shape[1] - 1, -1, -1):
@@ -51,8 +53,10 @@ def _next_valid(x: Tensor, mask: Tensor) -> Tensor:
     return nxt
 
 
-def _td_lambda(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """GAE over trailing sample dims: ``rewards [B, T]``, ``values [B, T, ...]``."""
+def _td_lambda(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """GAE over trailing sample dims: ``rewards [B, T]``, ``values [B, T, ...]``, ``lam`` a float or ``[B]``."""
     valid = mask.bool().reshape(mask.shape + (1,) * (values.dim() - 2))
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values = torch.where(valid, values, zero)
@@ -65,8 +69,17 @@ def _td_lambda(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam:
     return advantages, returns
 
 
+def adaptive_lambda(lengths: Tensor, alpha: float) -> Tensor:
+    """VAPO's length-adaptive lambda, ``1 - 1 / (alpha * l)`` per sequence of ``l`` response tokens, floored at 0:
+    long responses get lambda near 1 (little bias from the critic over many tokens), short ones less variance.
+    ``lengths [B] -> [B]``."""
+    return (1.0 - 1.0 / (alpha * lengths.to(torch.float32).clamp_min(1.0))).clamp_min(0.0)
+
+
 @register("gae")
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float | Tensor = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last valid token is 0),
@@ -76,6 +89,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         rewards: ``[B, T]`` per-token rewards.
         values: ``[B, T]`` value of the state before each response token (from the critic, no grad).
         mask: ``[B, T]`` response mask; values and rewards at padded positions are ignored.
+        lam: a float, or one per sequence ``[B]`` (:func:`adaptive_lambda`).
     Returns:
         ``(advantages [B, T], returns [B, T])``, zero on padding.
     """
@@ -84,7 +98,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 @register("distributional_gae")
 def distributional_gae(
-    rewards: Tensor, samples: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+    rewards: Tensor, samples: Tensor, mask: Tensor, gamma: float = 1.0, lam: float | Tensor = 0.95
 ) -> tuple[Tensor, Tensor]:
     """GAE applied to each of ``K`` return samples (DVPO eq. 2).
 

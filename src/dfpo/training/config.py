@@ -134,7 +134,17 @@ class KLOptions:
 class AdvantageOptions:
     estimator: str = option("distributional_gae", "advantage estimator from dfpo.core.advantages")
     gamma: float = option(1.0, "discount")
-    lam: float = option(0.95, "GAE lambda")
+    lam: float = option(0.95, "GAE lambda of the actor's advantages")
+    critic_lam: float = option(
+        1.0,
+        "GAE lambda of the critic's targets, apart from the actor's (decoupled GAE, VAPO): 1 gives Monte-Carlo "
+        "returns, unbiased whatever the critic's current error",
+    )
+    adaptive_lam: float = option(
+        0.0,
+        "alpha > 0: the actor's lambda per sequence, 1 - 1/(alpha * response length) (VAPO's length-adaptive GAE, "
+        "alpha about 0.05), floored at 0; 0: advantage.lam for every sequence",
+    )
 
 
 @dataclass(frozen=True)
@@ -367,6 +377,11 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
     if c.critic.kind == "flow":
         flow_loss_options(c.critic.flow)
+    for key, value in (("advantage.lam", c.advantage.lam), ("advantage.critic_lam", c.advantage.critic_lam)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}={value}: must be in [0, 1]")
+    if c.advantage.adaptive_lam < 0:
+        raise ConfigError(f"advantage.adaptive_lam={c.advantage.adaptive_lam}: must be 0 (off) or > 0 (e.g. 0.05)")
     _one_of("critic.risk_targets", c.critic.risk_targets, ("pooled", "token"))
     if not c.critic.kappa > 0:
         raise ConfigError(f"critic.kappa={c.critic.kappa}: must be > 0 (e.g. 0.02; small against the return spread)")

@@ -196,11 +196,38 @@ def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepData:
+    """What an observer of a training step sees (this process's rows, before the update), for measurements such
+    as the critic-learning benchmark. ``N`` sequences, ``R`` response tokens, ``H`` critic feature size.
+
+    Attributes:
+        step: the training step.
+        examples: ``N`` task examples, one per sequence.
+        mask: ``[N, R]`` tokens that count.
+        rewards: ``[N, R]`` per-token rewards as the learner saw them.
+        values: ``[N, R]`` scalar critics' values, or None.
+        samples: ``[N, R, K]`` distributional critics' samples (sorted), or None.
+        features: ``[N, R, H]`` the critic's input features (detached), or None without a critic.
+    """
+
+    step: int
+    examples: list[dict[str, Any]]
+    mask: Tensor
+    rewards: Tensor
+    values: Tensor | None
+    samples: Tensor | None
+    features: Tensor | None
+
+
 class Trainer:
-    """Builds everything a run needs from a :class:`TrainConfig` and runs it (:meth:`run`)."""
+    """Builds everything a run needs from a :class:`TrainConfig` and runs it (:meth:`run`).
+
+    ``observers``: callables that get a :class:`StepData` every step (append before :meth:`run`)."""
 
     def __init__(self, config: TrainConfig, command: str = "dfpo train") -> None:
         self.config, self.command = config, command
+        self.observers: list[Any] = []
         c = config
         self.world = distributed.setup()
         try:
@@ -563,25 +590,31 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.ref is not None:
             metrics.update(kl_metrics(g["old_logp"], g["ref_logp"], g_mask))
-        adv, returns, adv_metrics = advantage_estimators.compute(
-            c.advantage.estimator, rewards=g["rewards"], values=g.get("values"), samples=g.get("samples"),
-            scores=g["scores"], mask=g_mask, group=g["group"], gamma=c.advantage.gamma, lam=c.advantage.lam,
-        )  # fmt: skip
+        lam: float | Tensor = c.advantage.lam
+        if c.advantage.adaptive_lam:
+            lam = advantage_estimators.adaptive_lambda(g_mask.sum(-1), c.advantage.adaptive_lam)
+        inputs = {"rewards": g["rewards"], "values": g.get("values"), "samples": g.get("samples"),
+                  "scores": g["scores"], "mask": g_mask, "group": g["group"], "gamma": c.advantage.gamma}  # fmt: skip
+        adv, returns, adv_metrics = advantage_estimators.compute(c.advantage.estimator, **inputs, lam=lam)
         metrics.update(adv_metrics)
         if adv.dim() == 3:  # distributional: per-sample advantages; the actor uses their mean
-            targets, adv = returns, adv.mean(-1)
-        elif c.critic.kind == "ensemble":
-            targets = pessimistic_targets(g["rewards"], g["ensemble"], g_mask, c.advantage.gamma, c.advantage.lam,
+            adv = adv.mean(-1)
+        # the critic's targets with their own lambda (decoupled GAE): 1 gives Monte-Carlo returns
+        critic_lam = c.advantage.critic_lam
+        if c.critic.kind == "ensemble":
+            targets = pessimistic_targets(g["rewards"], g["ensemble"], g_mask, c.advantage.gamma, critic_lam,
                                           c.critic.pessimism)  # fmt: skip
+        elif self.critic is not None and (c.advantage.adaptive_lam or critic_lam != c.advantage.lam):
+            targets = advantage_estimators.compute(c.advantage.estimator, **inputs, lam=critic_lam)[1]
         else:
             targets = returns
         if c.actor.whiten:
             adv = masked_whiten(adv, g_mask)
-        explained = None
-        if self.critic is not None:  # the values the advantages used, against the critic's targets, whole batch
-            values = g["values"] if "values" in g else g["samples"].mean(-1)
-            goal = targets.mean(-1) if targets.dim() == 3 else targets
-            explained = float(explained_variance(values, goal, g_mask))
+        if self.critic is not None:
+            metrics.update(self._critic_metrics(g, targets))
+        for observe in self.observers:
+            observe(StepData(step, per_seq, mask, local["rewards"], batch.get("values"), batch.get("samples"),
+                             batch.get("critic_hidden")))  # fmt: skip
         rows = slice(world.rank * len(mask), (world.rank + 1) * len(mask))
         self._global_shape, self._local_rows, self._draw_key = tuple(g_mask.shape), len(mask), 0
         batch.update(ids=ids, attn=attn, mask=mask, adv=adv[rows, :width], targets=targets[rows, :width],
@@ -598,8 +631,6 @@ class Trainer:
         times["update"] = time.perf_counter() - t
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(update_metrics)
-        if explained is not None:
-            metrics["critic/explained_var"] = explained
 
         # rank 0's times, for the global batch (every rank works on its share at the same time)
         tokens = distributed.sum_scalar(float(attn.sum()), world)
@@ -639,6 +670,20 @@ class Trainer:
         if c.log.samples_every and step % c.log.samples_every == 0:
             self.log.samples(self._last_samples)
         return metrics
+
+    def _critic_metrics(self, g: dict[str, Tensor], targets: Tensor) -> dict[str, float]:
+        """How well the values the advantages used predict, over the step's whole batch: explained variance against
+        the critic's targets and against the Monte-Carlo returns (lambda = 1, what a value should equal), and the
+        values' mean bias against those returns."""
+        mask = g["mask"]
+        values = g["values"] if "values" in g else g["samples"].mean(-1)
+        goal = targets.mean(-1) if targets.dim() == 3 else targets
+        mc = advantage_estimators.returns_to_go(g["rewards"], mask, self.config.advantage.gamma)
+        return {
+            "critic/explained_var": float(explained_variance(values, goal, mask)),
+            "critic/explained_var_mc": float(explained_variance(values, mc, mask)),
+            "critic/value_bias": float(masked_mean(values - mc, mask)),
+        }
 
     def _sample(self, prompts: list[str], first: int) -> Rollout:
         """``rollout.samples`` responses to each of ``prompts`` (the step's prompts ``first``, ``first + 1``, ...),
@@ -735,7 +780,7 @@ class Trainer:
             if self.critic is not None:
                 for key, value in self._critic_outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
-                if c.critic.updates > 1:  # the frozen features, for the critic's extra steps
+                if c.critic.updates > 1 or self.observers:  # for the critic's extra steps, or an observer
                     parts.setdefault("critic_hidden", []).append(hidden.detach().float())
         return {k: torch.cat(v) for k, v in parts.items()}
 
