@@ -206,3 +206,32 @@ def test_compute_passes_only_declared_inputs_and_names_missing_ones(gen):
     assert math.isfinite(metrics["adv/mean"])
     with pytest.raises(TypeError, match="'grpo' needs scores, group"):
         advantages.compute("grpo", **pool)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_a_sample_without_reward_is_left_out_of_its_group(name):
+    """A skipped sample (reward None; the trainer scores it 0) changes no other sample's advantage and gets 0."""
+    scores, group = scores_and_groups()
+    lengths = [3, 5, 1, 2, 4, 4, 4, 4, 6, 6, 1, 2]
+    want, _ = advantages.get(name)(scores, right_padded_mask(lengths, 6), group)
+    # the same batch with a skipped sample in group 7, one in the all-equal group 2, and group 5 with only one
+    skip = 0.0
+    full_scores = torch.tensor([1.0, skip, 0.0, 0.0, 1.0, 0.5, 0.5, skip, 0.5, 0.5, 3.0, -1.0, 2.0, 0.0, skip])
+    full_group = torch.tensor([7, 7, 7, 7, 7, 2, 2, 2, 2, 2, 9, 9, 9, 9, 5])
+    full_lengths = [3, 4, 5, 1, 2, 4, 4, 6, 4, 4, 6, 6, 1, 2, 3]
+    valid = torch.ones(15, dtype=torch.bool)
+    valid[[1, 7, 14]] = False
+    mask = right_padded_mask(full_lengths, 6)
+    adv, _ = advantages.get(name)(full_scores, mask, full_group, valid=valid)
+    torch.testing.assert_close(adv[valid], want)
+    assert torch.all(adv[~valid] == 0)
+
+
+def test_group_metrics_count_only_valid_scores():
+    scores = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    valid = torch.tensor([True, True, False, True, True, True])
+    assert group_metrics(scores, group)["adv/degenerate_groups"] == 0.0
+    assert group_metrics(scores, group, valid)["adv/degenerate_groups"] == 1.0  # group 0's valid scores agree
+    _, _, metrics = advantages.compute("grpo", scores=scores, mask=torch.ones(6, 2), group=group, valid=valid)
+    assert metrics["adv/degenerate_groups"] == 1.0

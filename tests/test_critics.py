@@ -1,11 +1,21 @@
 """Scalar and quantile critics, pessimistic targets, and the flow critic's interface."""
 
+import copy
+
 import pytest
 import torch
 from conftest import right_padded_mask
 
 from dfpo.core.advantages import gae
-from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets, stratified_noise
+from dfpo.core.value_losses import clipped_mse
+from dfpo.critics import (
+    QuantileCritic,
+    ScalarValueHead,
+    ValueFlowCritic,
+    bootstrap_weights,
+    pessimistic_targets,
+    stratified_noise,
+)
 
 
 def test_scalar_head_shapes_and_clipped_loss(gen):
@@ -31,6 +41,87 @@ def test_scalar_head_fits_returns(gen):
         loss.backward()
         opt.step()
     assert metrics["critic/explained_var"] > 0.99
+
+
+def test_bootstrap_weights_are_keyed_by_seed_step_and_row():
+    rows = torch.arange(400)
+    w = bootstrap_weights(rows, 4, seed=3, step=7, p=0.5)
+    assert w.shape == (400, 4) and set(w.unique().tolist()) == {0.0, 1.0}
+    assert float(w.mean()) == pytest.approx(0.5, abs=0.05)
+    # the same whatever the split: rows drawn in parts, or out of order, get their own masks
+    parts = torch.cat([bootstrap_weights(rows[i : i + 64], 4, 3, 7, 0.5) for i in range(0, 400, 64)])
+    assert torch.equal(parts, w)
+    assert torch.equal(bootstrap_weights(rows.flip(0), 4, 3, 7, 0.5), w.flip(0))
+    assert not torch.equal(bootstrap_weights(rows, 4, 3, 8, 0.5), w)  # a fresh mask each step
+    assert not torch.equal(bootstrap_weights(rows, 4, 4, 7, 0.5), w)
+    assert float(bootstrap_weights(rows, 4, 3, 7, 0.2).mean()) == pytest.approx(0.2, abs=0.05)
+    assert torch.all(bootstrap_weights(rows, 4, 3, 7, 1.0) == 1)
+
+
+def test_member_weights_of_ones_give_the_unmasked_loss(gen):
+    head = ScalarValueHead(16, num_heads=3)
+    hidden = torch.randn(4, 5, 16, generator=gen)
+    returns = torch.randn(4, 5, generator=gen)
+    mask = right_padded_mask([5, 2, 4, 1], 5)
+    old = head(hidden).detach() + 0.3 * torch.randn(4, 5, 3, generator=gen)
+    plain, plain_metrics = head.loss(hidden, returns, mask, old_values=old)
+    plain.backward()
+    grad = head.proj.weight.grad.clone()
+    head.zero_grad()
+    ones, metrics = head.loss(hidden, returns, mask, old_values=old, member_weights=torch.ones(4, 3))
+    ones.backward()
+    torch.testing.assert_close(ones, plain)
+    torch.testing.assert_close(head.proj.weight.grad, grad)
+    assert metrics == pytest.approx(plain_metrics, rel=1e-5)
+
+
+def test_each_member_loss_is_a_masked_mean_over_its_own_tokens(gen):
+    head = ScalarValueHead(8, num_heads=2)
+    hidden = torch.randn(3, 4, 8, generator=gen)
+    returns = torch.randn(3, 4, generator=gen)
+    mask = right_padded_mask([4, 1, 3], 4)
+    old = head(hidden).detach() + 0.3 * torch.randn(3, 4, 2, generator=gen)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    loss, _ = head.loss(hidden, returns, mask, old_values=old, member_weights=weights)
+    values = head(hidden)
+    members = [clipped_mse(values[..., e], old[..., e], returns, mask * weights[:, e, None])[0] for e in range(2)]
+    torch.testing.assert_close(loss, torch.stack(members).mean())
+    # split over calls, with each member's count over the whole batch, the parts add up to the whole
+    counts = (weights * mask.sum(-1, keepdim=True)).sum(0)
+    parts = [
+        head.loss(hidden[r], returns[r], mask[r], old_values=old[r], member_weights=weights[r], member_tokens=counts)[0]
+        for r in (slice(0, 1), slice(1, 3))
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], loss)
+    # a member that selects nothing here adds 0 to the mean over members
+    first, _ = head.loss(hidden[:1], returns[:1], mask[:1], old_values=old[:1], member_weights=weights[:1])
+    alone, _ = clipped_mse(values[:1, :, 0], old[:1, :, 0], returns[:1], mask[:1])
+    torch.testing.assert_close(first, alone / 2)
+
+
+def test_bootstrapped_members_disagree_where_plain_ones_agree():
+    """Members with identical data solve the same least-squares problem and meet at its minimum whatever their
+    initialisation; members with bootstrap masks fit different resamples, so their spread grows."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 3, 6, generator=gen)  # 24 sequences of 3 tokens
+    returns = hidden @ torch.randn(6, generator=gen) + torch.randn(24, 3, generator=gen)
+    mask = torch.ones(24, 3)
+    held_out = torch.randn(200, 6, generator=gen)
+    torch.manual_seed(0)
+    start = ScalarValueHead(6, num_heads=4)
+    initial = float(start(held_out).detach().std(-1).mean())
+    spread = {}
+    for name, weights in (("plain", None), ("bootstrap", bootstrap_weights(torch.arange(24), 4, seed=0, step=1))):
+        head = copy.deepcopy(start)
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        for _ in range(300):
+            loss, _ = head.loss(hidden, returns, mask, member_weights=weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        spread[name] = float(head(held_out).detach().std(-1).mean())
+    assert spread["plain"] < 0.1 * initial
+    assert spread["bootstrap"] > 3 * initial and spread["bootstrap"] > 30 * spread["plain"]
 
 
 def test_pessimistic_targets_are_a_lower_envelope(gen):

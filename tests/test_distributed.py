@@ -31,6 +31,8 @@ CASES = {
     # two minibatches of micro-batches of 2: each process holds a different number of each minibatch's rows
     "ppo-minibatches": ["algo=ppo", "actor.minibatches=2", "actor.micro_batch=2"],
     "grpo-kl-loss": ["algo=grpo", "kl.mode=loss"],
+    # the ensemble members' bootstrap masks are drawn for the sequences' rows in the whole batch
+    "robust-ppo-minibatches": ["algo=robust_ppo", "actor.minibatches=2", "actor.micro_batch=2"],
     # FSDP2: the policy sharded over the 2 processes (the flow critic's head is not)
     "dfpo-fsdp": ["algo=dfpo", "parallel=fsdp"],
     # micro-batches sized by tokens at the longest padded length over both processes: sharded forwards are

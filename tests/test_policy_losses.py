@@ -57,6 +57,25 @@ def test_ppo_first_step_ratio_is_one_and_loss_is_minus_mean_advantage(gen):
     assert metrics["actor/approx_kl"] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_dr_grpo_loss_with_a_constant_normalizer_does_not_depend_on_the_padded_width(gen):
+    lengths = [4, 2, 5]
+    logp = torch.randn(3, 5, generator=gen)
+    old = logp + 0.1 * torch.randn(3, 5, generator=gen)
+    adv = torch.randn(3, 5, generator=gen)
+    losses = {}
+    for width in (5, 9):
+        # the same responses, padded further (with junk on the padding)
+        junk = [torch.randn(3, width - 5, generator=gen) for _ in range(3)]
+        inputs = [torch.cat([x, j], -1) for x, j in zip((logp, old, adv), junk, strict=True)]
+        for normalizer in (None, 16):
+            loss, _ = ppo_clip(*inputs, right_padded_mask(lengths, width), aggregation="seq-mean-token-sum-norm",
+                               normalizer=normalizer)  # fmt: skip
+            losses[width, normalizer] = float(loss)
+    assert losses[5, 16] == pytest.approx(losses[9, 16], rel=1e-6)
+    assert losses[5, None] == pytest.approx(losses[5, 16] * 16 / 5, rel=1e-6)  # the default divides by T
+    assert losses[9, None] == pytest.approx(losses[5, None] * 5 / 9, rel=1e-6)
+
+
 def flowrl_batch(gen):
     mask = right_padded_mask([5, 3, 4], 5)
     logp = torch.randn(3, 5, generator=gen) - 2
@@ -105,3 +124,18 @@ def test_policy_loss_registry():
     assert policy_losses.names() == ["flowrl", "ppo_clip"]
     with pytest.raises(KeyError, match="registered: flowrl, ppo_clip"):
         policy_losses.get("ppo")
+
+
+def test_flowrl_leaves_rows_with_an_empty_mask_out_of_its_mean(gen):
+    mask, logp, ref, rewards, optimum = flowrl_batch(gen)
+    start = optimum + torch.tensor([1.0, -2.0, 0.5])
+    want, want_metrics = flowrl(logp, logp - 0.1, ref, start, rewards, mask)
+    # a fourth row with nothing in the loss: a skipped sample or a masked-out truncated response
+    log_z = torch.cat([start, torch.tensor([3.0])]).requires_grad_(True)
+    empty = torch.cat([mask, torch.zeros(1, 5)])
+    logp4, ref4 = torch.cat([logp, torch.randn(1, 5, generator=gen)]), torch.cat([ref, torch.zeros(1, 5)])
+    loss, metrics = flowrl(logp4, logp4 - 0.1, ref4, log_z, torch.cat([rewards, torch.zeros(1)]), empty)
+    torch.testing.assert_close(loss, want)
+    assert metrics == pytest.approx(want_metrics)
+    loss.backward()
+    assert float(log_z.grad[3]) == 0.0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 
 from dfpo.cli import main
 from dfpo.config import ConfigError
+from dfpo.core import advantages
 from dfpo.critics.value_flow import ValueFlowCritic
 from dfpo.training.algos import ALGOS
 from dfpo.training.config import build_config, flow_loss_options
@@ -86,10 +89,19 @@ def test_resume_is_exact(train_limit, tmp_path):
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize(("algo", "steps"), [("ppo", 2), ("grpo", 2), ("dfpo", 1)])
-def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo, steps, tmp_path):
+# responses of 32 to 46 tokens, those over 40 masked out: sequences of unequal length, and some with none
+UNEQUAL = ("rollout.max_new_tokens=40", "rollout.mask_truncated=true")
+
+
+@pytest.mark.parametrize(
+    ("algo", "steps", "extra"),
+    [("ppo", 2, ()), ("grpo", 2, ()), ("dfpo", 1, ()), ("flowrl", 2, UNEQUAL), ("robust_ppo", 2, ())],
+)
+def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo, steps, extra, tmp_path):
     """micro_batch=0 runs the policy forward once, with gradients, while scoring (the fused path); micro_batch=1
-    scores without gradients, then runs a forward and backward per sequence. Both make the same updates.
+    scores without gradients, then runs a forward and backward per sequence. Both make the same updates: FlowRL's
+    mean over the sequences with a response and robust PPO's bootstrapped members' token means add up over
+    micro-batches too.
 
     DFPO's flow-matching loss draws fresh noise per micro-batch, so its critic (and, through it, the next step)
     legitimately differs between the two: for DFPO the policy after one step is compared."""
@@ -97,7 +109,7 @@ def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo,
     for micro in (0, 1):
         run_dir = tmp_path / f"micro{micro}"
         config = build_config([f"algo={algo}", f"steps={steps}", "critic.warmup_steps=0", f"actor.micro_batch={micro}",
-                               f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s]])  # fmt: skip
+                               f"run_dir={run_dir}", *[s for s in SMALL if "warmup" not in s], *extra])  # fmt: skip
         trainer = Trainer(config)
         assert trainer.fused == (micro == 0)
         trainer.run()
@@ -108,9 +120,56 @@ def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo,
     for key in params[0]:
         if key.startswith(compared):
             torch.testing.assert_close(params[0][key], params[1][key], rtol=1e-4, atol=1e-6, msg=key)
+    # the logged metrics are means over micro-batches, and a masked-out sequence's logs 0: FlowRL's run, with such
+    # sequences, is compared through its weights
+    actor_keys = () if algo == "flowrl" else ("actor/pg_loss", "actor/ratio_mean")
     for fused, split in zip(metrics[0], metrics[1], strict=True):
-        for key in ("reward/observed", "actor/pg_loss", "actor/ratio_mean"):
+        for key in ("reward/observed", *actor_keys):
             assert fused[key] == pytest.approx(split[key], rel=1e-3, abs=1e-6), key
+
+
+def test_dr_grpo_divides_by_the_response_limit_whatever_the_step_padded_width(tmp_path):
+    trainer = Trainer(build_config(["algo=dr_grpo", "eval.splits=", f"run_dir={tmp_path / 'r'}", *SMALL]))
+    gen = torch.Generator().manual_seed(0)
+    logp, adv = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    lengths = torch.tensor([3, 5, 1, 4])
+    losses = []
+    for width in (5, 11):  # the same responses in a step whose longest response is 5 or 11 tokens
+        mask = (torch.arange(width) < lengths[:, None]).float()
+        logp_w, adv_w = (torch.cat([x, torch.zeros(4, width - 5)], -1) for x in (logp, adv))
+        batch = {"old_logp": logp_w, "adv": adv_w}
+        losses.append(float(trainer._actor_loss(batch, torch.arange(4), logp_w, mask)[0]))
+    # ratio 1: each sequence's -sum_t A_t over rollout.max_new_tokens=24, then a mean over sequences
+    want = -float((adv * (torch.arange(5) < lengths[:, None])).sum()) / 24 / 4
+    assert losses == pytest.approx([want, want], rel=1e-6)
+    trainer.log.close()
+
+
+def test_samples_without_reward_get_no_advantage_and_leave_their_group(tmp_path, monkeypatch):
+    trainer = Trainer(build_config(["algo=grpo", "noise=clean", "eval.splits=", f"run_dir={tmp_path / 'r'}", *SMALL]))
+    score = trainer.noise.score
+
+    def first_skipped(*args, **kwargs):
+        rewards = score(*args, **kwargs)
+        return dataclasses.replace(rewards, observed=[None, *rewards.observed[1:]])
+
+    seen = {}
+    compute = advantages.compute
+
+    def spy(name, /, **inputs):
+        out = compute(name, **inputs)
+        seen.update(valid=inputs.get("valid"), adv=out[0])
+        return out
+
+    monkeypatch.setattr(trainer, "noise", SimpleNamespace(score=first_skipped))
+    monkeypatch.setattr(advantages, "compute", spy)
+    trainer.step = 1
+    metrics = trainer.train_step()
+    assert metrics["reward/skipped"] == 1.0
+    assert seen["valid"].tolist() == [False, True, True, True]
+    # the skipped sample's group keeps one valid sample: no comparison, no advantage
+    assert torch.all(seen["adv"][:2] == 0)
+    trainer.log.close()
 
 
 def test_micro_rows_fit_the_token_budget_in_whole_prompts():
@@ -206,6 +265,7 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["algo=rloo", "rollout.samples=1"], "needs rollout.samples >= 2"),
         (["critic.samples=1"], "a flow critic needs K >= 2"),
         (["critic.sample_steps=0"], "critic.sample_steps=0: must be at least 1"),
+        (["algo=robust_ppo", "critic.bootstrap=1.5"], "critic.bootstrap=1.5: must be a probability, 0 <= p <= 1"),
         (["precision=fp16"], "precision='fp16': valid values are fp32, bf16"),
         (["actor.checkpoint_prompts=-1"], "must be 0 (off) or at least 1"),
         (["actor.micro_tokens=-5"], "actor.micro_tokens=-5: must be 0 (off) or a number of token positions"),

@@ -3,9 +3,10 @@
 Shapes: ``B`` sequences, ``T`` response tokens (right-padded), ``K`` return samples per token. ``mask [B, T]`` is
 1 on response tokens. ``rewards [B, T]`` are per-token rewards (the outcome reward on the last response token plus
 any per-token KL penalty); ``scores [B]`` are outcome rewards; ``group [B]`` holds integer ids that tie the samples
-of one prompt together. Every estimator returns ``(advantages, returns)``, both ``[B, T]`` (``[B, T, K]`` for the
-distributional one) and zero on padding; ``returns`` is what a critic would regress to (for critic-free
-estimators it equals the advantages).
+of one prompt together; ``valid [B]`` (optional, bool) marks the samples that have a reward: the group-based
+estimators leave the others out of their group's statistics and give them advantage 0. Every estimator returns
+``(advantages, returns)``, both ``[B, T]`` (``[B, T, K]`` for the distributional one) and zero on padding;
+``returns`` is what a critic would regress to (for critic-free estimators it equals the advantages).
 
 Use ``get(name)`` for the function, or ``compute(name, **inputs)`` to call it with whatever it declares and get
 ``(advantages, returns, metrics)`` back, ``metrics`` describing the groups for group-based estimators.
@@ -128,31 +129,41 @@ def _group_index(group: Tensor) -> tuple[Tensor, int]:
     return inverse, ids.numel()
 
 
-def group_stats(scores: Tensor, group: Tensor) -> dict[str, Tensor]:
+def group_stats(scores: Tensor, group: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
     """Per-sample statistics of each sample's group: ``mean``, ``std`` (unbiased), ``size``, ``degenerate``.
 
-    ``degenerate`` marks groups whose scores are all equal: they carry no learning signal for group-relative
-    estimators. ``scores [B]``, ``group [B]`` -> each ``[B]``.
+    Only the ``valid`` samples (default: all) count: a sample without a reward is in no group's mean, std or size,
+    and gets its group's statistics like the others. ``degenerate`` marks groups whose valid scores are all equal
+    (or that have none): they carry no learning signal for group-relative estimators.
+    ``scores [B]``, ``group [B]``, ``valid [B]`` -> each ``[B]``.
     """
     inverse, n = _group_index(group)
-    scores = scores.to(torch.float64)
-    size = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(0, inverse, torch.ones_like(scores))
+    counted = torch.ones_like(scores, dtype=torch.float64) if valid is None else valid.to(torch.float64)
+    # where() so that whatever stands in for a missing reward (0, NaN) never reaches a statistic
+    scores = torch.where(counted > 0, scores.to(torch.float64), 0.0)
+    size = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(0, inverse, counted)
     total = torch.zeros_like(size).index_add_(0, inverse, scores)
-    mean = total / size
-    sq = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
+    mean = total / size.clamp_min(1.0)
+    sq = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2 * counted)
     std = torch.sqrt(sq / (size - 1).clamp_min(1.0))
-    lo = torch.full_like(size, float("inf")).scatter_reduce_(0, inverse, scores, "amin")
-    hi = torch.full_like(size, float("-inf")).scatter_reduce_(0, inverse, scores, "amax")
-    return {"mean": mean[inverse], "std": std[inverse], "size": size[inverse], "degenerate": (lo == hi)[inverse]}
+    inf = float("inf")  # a group without valid scores has lo > hi: degenerate
+    lo = torch.full_like(size, inf).scatter_reduce_(0, inverse, scores.masked_fill(counted == 0, inf), "amin")
+    hi = torch.full_like(size, -inf).scatter_reduce_(0, inverse, scores.masked_fill(counted == 0, -inf), "amax")
+    return {"mean": mean[inverse], "std": std[inverse], "size": size[inverse], "degenerate": (lo >= hi)[inverse]}
 
 
-def group_metrics(scores: Tensor, group: Tensor) -> dict[str, float]:
-    """Counts for logging: number of groups, and how many (and what fraction) have all-equal scores."""
+def group_metrics(scores: Tensor, group: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """Counts for logging: number of groups, and how many (and what fraction) have all-equal valid scores."""
     inverse, n = _group_index(group)
     degenerate = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    degenerate[inverse] = group_stats(scores, group)["degenerate"]
+    degenerate[inverse] = group_stats(scores, group, valid)["degenerate"]
     count = int(degenerate.sum())
     return {"adv/groups": float(n), "adv/degenerate_groups": float(count), "adv/degenerate_frac": count / n}
+
+
+def _without_reward(valid: Tensor | None, like: Tensor) -> Tensor:
+    """``[B]`` bool: the samples that have no reward (none without ``valid``)."""
+    return torch.zeros_like(like, dtype=torch.bool) if valid is None else ~valid.bool()
 
 
 def _broadcast(per_seq: Tensor, mask: Tensor) -> Tensor:
@@ -160,42 +171,45 @@ def _broadcast(per_seq: Tensor, mask: Tensor) -> Tensor:
 
 
 @register("grpo")
-def grpo(scores: Tensor, mask: Tensor, group: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def grpo(
+    scores: Tensor, mask: Tensor, group: Tensor, valid: Tensor | None = None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """GRPO: ``A_i = (R_i - mean_g R) / (std_g R + eps)`` broadcast to every response token.
 
-    ``scores [B]``, ``mask [B, T]``, ``group [B]`` -> ``(advantages [B, T], returns [B, T])``. Groups whose scores
-    are all equal get exactly zero advantage.
+    ``scores [B]``, ``mask [B, T]``, ``group [B]``, ``valid [B]`` -> ``(advantages [B, T], returns [B, T])``.
+    Groups whose valid scores are all equal, and samples that are not valid, get exactly zero advantage.
     """
-    stats = group_stats(scores, group)
+    stats = group_stats(scores, group, valid)
     adv = (scores.to(torch.float64) - stats["mean"]) / (stats["std"] + eps)
-    adv = torch.where(stats["degenerate"], 0.0, adv)
+    adv = torch.where(stats["degenerate"] | _without_reward(valid, scores), 0.0, adv)
     out = _broadcast(adv, mask)
     return out, out
 
 
 @register("dr_grpo")
-def dr_grpo(scores: Tensor, mask: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
+def dr_grpo(scores: Tensor, mask: Tensor, group: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: ``A_i = R_i - mean_g R`` (no std division); pair it with the ``seq-mean-token-sum-norm`` loss.
 
-    ``scores [B]``, ``mask [B, T]``, ``group [B]`` -> ``(advantages [B, T], returns [B, T])``.
+    ``scores [B]``, ``mask [B, T]``, ``group [B]``, ``valid [B]`` -> ``(advantages [B, T], returns [B, T])``.
     """
-    stats = group_stats(scores, group)
-    adv = torch.where(stats["degenerate"], 0.0, scores.to(torch.float64) - stats["mean"])
+    stats = group_stats(scores, group, valid)
+    skip = stats["degenerate"] | _without_reward(valid, scores)
+    adv = torch.where(skip, 0.0, scores.to(torch.float64) - stats["mean"])
     out = _broadcast(adv, mask)
     return out, out
 
 
 @register("rloo")
-def rloo(scores: Tensor, mask: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
-    """RLOO: ``A_i = R_i - mean_{j != i, j in g} R_j``; singleton groups get 0.
+def rloo(scores: Tensor, mask: Tensor, group: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RLOO: ``A_i = R_i - mean_{j != i, j in g} R_j`` over the valid samples; singleton groups get 0.
 
-    ``scores [B]``, ``mask [B, T]``, ``group [B]`` -> ``(advantages [B, T], returns [B, T])``.
+    ``scores [B]``, ``mask [B, T]``, ``group [B]``, ``valid [B]`` -> ``(advantages [B, T], returns [B, T])``.
     """
-    stats = group_stats(scores, group)
+    stats = group_stats(scores, group, valid)
     n = stats["size"]
     s = scores.to(torch.float64)
     loo_mean = (stats["mean"] * n - s) / (n - 1).clamp_min(1.0)
-    adv = torch.where(stats["degenerate"] | (n < 2), 0.0, s - loo_mean)
+    adv = torch.where(stats["degenerate"] | (n < 2) | _without_reward(valid, scores), 0.0, s - loo_mean)
     out = _broadcast(adv, mask)
     return out, out
 
@@ -211,15 +225,19 @@ def reinforce_pp(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> tuple[Ten
 
 
 @register("reinforce_pp_baseline")
-def reinforce_pp_baseline(scores: Tensor, mask: Tensor, group: Tensor) -> tuple[Tensor, Tensor]:
+def reinforce_pp_baseline(
+    scores: Tensor, mask: Tensor, group: Tensor, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """REINFORCE++-baseline: subtract the group mean of the outcome reward, broadcast, whiten over the batch.
 
-    ``scores [B]``, ``mask [B, T]``, ``group [B]`` -> ``(advantages [B, T], returns [B, T])``. Use it with KL as a
-    loss. Degenerate groups are 0 before whitening, so they only shift with the batch mean.
+    ``scores [B]``, ``mask [B, T]``, ``group [B]``, ``valid [B]`` -> ``(advantages [B, T], returns [B, T])``. Use
+    it with KL as a loss. Degenerate groups are 0 before whitening, so they only shift with the batch mean; samples
+    that are not valid are 0 and left out of the whitening statistics.
     """
-    stats = group_stats(scores, group)
-    centred = _broadcast(scores.to(torch.float64) - stats["mean"], mask)
-    return masked_whiten(centred, mask), centred
+    stats = group_stats(scores, group, valid)
+    counted = mask * (~_without_reward(valid, scores)).to(mask.dtype)[:, None]
+    centred = _broadcast(scores.to(torch.float64) - stats["mean"], counted)
+    return masked_whiten(centred, counted), centred
 
 
 def compute(name: str, /, **inputs: Tensor | float | None) -> tuple[Tensor, Tensor, dict[str, float]]:
@@ -237,5 +255,5 @@ def compute(name: str, /, **inputs: Tensor | float | None) -> tuple[Tensor, Tens
         "adv/std": float(masked_mean((advantages - adv_mean) ** 2, token_mask).sqrt()),
     }
     if "group" in ADVANTAGES.inputs(name)[0]:
-        metrics.update(group_metrics(inputs["scores"], inputs["group"]))
+        metrics.update(group_metrics(inputs["scores"], inputs["group"], inputs.get("valid")))
     return advantages, returns, metrics

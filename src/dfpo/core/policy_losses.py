@@ -28,6 +28,7 @@ def ppo_clip(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    normalizer: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO's clipped surrogate with an asymmetric range ``[1 - clip_low, 1 + clip_high]``.
 
@@ -41,6 +42,8 @@ def ppo_clip(
         advantages: ``[B, T]``.
         mask: ``[B, T]``.
         aggregation: see :func:`dfpo.core.masked.aggregate_loss`.
+        normalizer: the constant of ``seq-mean-token-sum-norm`` (default ``T``); pass the response length limit so
+            that the loss does not change with a batch's padded width.
     Returns:
         ``(loss, metrics)`` with ``actor/clipfrac`` (tokens where clipping is active), ``actor/approx_kl`` (k3 of
         rollout vs current), ``actor/ratio_mean`` and, with dual clip, ``actor/dual_clipfrac``.
@@ -57,7 +60,7 @@ def ppo_clip(
         bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (per_token > bound)
         per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
-    loss = aggregate_loss(per_token, mask, aggregation)
+    loss = aggregate_loss(per_token, mask, aggregation, normalizer)
     with torch.no_grad():
         metrics = {
             "actor/pg_loss": float(loss),
@@ -84,7 +87,8 @@ def flowrl(
     """FlowRL's trajectory balance against ``pi* ∝ exp(beta * r) pi_ref`` (arXiv 2509.15207).
 
     ``delta_i = log Z(x_i) + mean_t log pi(a_t) - beta * rhat_i - mean_t log pi_ref(a_t)`` and
-    ``loss = mean_i w_i * delta_i^2`` with the detached sequence importance weight
+    ``loss = mean_i w_i * delta_i^2`` over the sequences with at least one valid token (a row whose mask is empty,
+    a skipped or masked-out response, has nothing to balance), with the detached sequence importance weight
     ``w_i = clip(exp(sum_t log pi - log pi_old), 1 - clip, 1 + clip)``.
 
     Args:
@@ -94,21 +98,23 @@ def flowrl(
         rewards: ``[B]`` group-normalised rewards ``rhat``.
         mask: ``[B, T]``.
     Returns:
-        ``(loss, metrics)``; the loss is 0 exactly when every ``delta_i`` is 0.
+        ``(loss, metrics)``; the loss is 0 exactly when every ``delta_i`` of a non-empty row is 0.
     """
-    n_tokens = mask.to(log_probs.dtype).sum(-1).clamp_min(1.0)
+    count = mask.to(log_probs.dtype).sum(-1)
+    rows = count > 0
+    n_tokens = count.clamp_min(1.0)
     mean_logp = masked_sum(log_probs, mask, dim=-1) / n_tokens
     mean_ref = masked_sum(ref_log_probs, mask, dim=-1) / n_tokens
     delta = log_z + mean_logp - beta * rewards - mean_ref
     with torch.no_grad():
         seq_log_ratio = masked_sum(log_probs - old_log_probs, mask, dim=-1)
         weight = torch.exp(seq_log_ratio.clamp(-20.0, 20.0)).clamp(1.0 - clip, 1.0 + clip)
-    loss = (weight * delta**2).mean()
+    loss = masked_mean(weight * delta**2, rows)
     with torch.no_grad():
         metrics = {
             "actor/tb_loss": float(loss),
-            "actor/tb_residual_abs": float(delta.abs().mean()),
-            "actor/log_z": float(log_z.mean()),
-            "actor/is_weight_mean": float(weight.mean()),
+            "actor/tb_residual_abs": float(masked_mean(delta.abs(), rows)),
+            "actor/log_z": float(masked_mean(log_z, rows)),
+            "actor/is_weight_mean": float(masked_mean(weight, rows)),
         }
     return loss, metrics

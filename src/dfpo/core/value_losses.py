@@ -11,6 +11,20 @@ from torch import Tensor
 from dfpo.core.masked import explained_variance, masked_mean
 
 
+def clipped_squared_error(
+    values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None = 0.2
+) -> tuple[Tensor, Tensor]:
+    """PPO's per-position value error ``max((V - R)^2, (clip(V, V_old ± clip) - R)^2)``, and a float tensor that is
+    1 where the clipped term is the larger. All tensors share one shape; ``clip=None`` gives the plain squared error.
+    """
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return unclipped, torch.zeros_like(unclipped)
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    clipped = (clipped_values - returns) ** 2
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
 def clipped_mse(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2
 ) -> tuple[Tensor, dict[str, float]]:
@@ -19,14 +33,7 @@ def clipped_mse(
     ``values`` (with grad), ``old_values``, ``returns``, ``mask``: ``[B, T]``. ``clip=None`` gives plain MSE.
     Metrics: ``critic/vf_loss``, ``critic/vf_clipfrac``, ``critic/explained_var``.
     """
-    unclipped = (values - returns) ** 2
-    if clip is None:
-        per_token, clipped_frac = unclipped, torch.zeros_like(unclipped)
-    else:
-        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
-        clipped = (clipped_values - returns) ** 2
-        per_token = torch.maximum(unclipped, clipped)
-        clipped_frac = (clipped > unclipped).float()
+    per_token, clipped_frac = clipped_squared_error(values, old_values, returns, clip)
     loss = 0.5 * masked_mean(per_token, mask)
     with torch.no_grad():
         metrics = {

@@ -1,4 +1,4 @@
-"""PPO's scalar value head, its ensemble form, and pessimistic targets for robust-Bellman PPO."""
+"""PPO's scalar value head, its ensemble form with bootstrap masks, and pessimistic targets for robust-Bellman PPO."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from dfpo.core.advantages import distributional_gae
-from dfpo.core.value_losses import clipped_mse
+from dfpo.core.masked import explained_variance, masked_mean, masked_sum
+from dfpo.core.value_losses import clipped_mse, clipped_squared_error
 
 
 class ScalarValueHead(nn.Module):
@@ -36,22 +37,70 @@ class ScalarValueHead(nn.Module):
         mask: Tensor,
         old_values: Tensor | None = None,
         clip: float | None = 0.2,
+        member_weights: Tensor | None = None,
+        member_tokens: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Clipped MSE of every head onto ``returns [...]``.
+        """Clipped MSE of every head onto ``returns [B, ...]``.
+
+        Without ``member_weights`` every head learns on every valid token (one mean over tokens and heads). With
+        them, head ``e`` learns only on the sequences its bootstrap mask selects: its loss is the mean of its clipped
+        MSE over their valid tokens, and the loss is the mean over heads.
 
         Args:
-            hidden: ``[..., H]``.
-            returns: ``[...]`` GAE returns (or pessimistic targets), no grad.
-            mask: ``[...]``.
-            old_values: ``[..., num_heads]`` (or ``[...]`` for one head) from the rollout critic; without it the
+            hidden: ``[B, ..., H]``.
+            returns: ``[B, ...]`` GAE returns (or pessimistic targets), no grad.
+            mask: ``[B, ...]``.
+            old_values: ``[B, ..., num_heads]`` (or ``[B, ...]`` for one head) from the rollout critic; without it the
                 loss is unclipped.
+            member_weights: ``[B, num_heads]`` 0/1 bootstrap mask of each sequence and head
+                (:func:`bootstrap_weights`), no grad.
+            member_tokens: ``[num_heads]`` what each head's token sum is divided by (default: its selected tokens
+                here). A caller that splits a batch over several calls passes each head's count over the whole
+                batch, so that the calls' losses add up to the batch's per-head means.
         """
         values = self(hidden)
         if old_values is None:
             old_values, clip = values.detach(), None
         elif old_values.dim() == values.dim() - 1:
             old_values = old_values.unsqueeze(-1)
-        return clipped_mse(values, old_values, returns.unsqueeze(-1).expand_as(values), mask.unsqueeze(-1), clip)
+        targets = returns.unsqueeze(-1).expand_as(values)
+        if member_weights is None:
+            return clipped_mse(values, old_values, targets, mask.unsqueeze(-1), clip)
+        lead = (1,) * (mask.dim() - 1)
+        heads = mask.unsqueeze(-1) * member_weights.reshape(member_weights.shape[0], *lead, -1).to(values.dtype)
+        per_token, clipped_frac = clipped_squared_error(values, old_values, targets, clip)
+        over = tuple(range(values.dim() - 1))
+        if member_tokens is None:
+            member_tokens = heads.sum(over)
+        # a head that selects no token here adds 0 (its sum is 0), not 0 / 0
+        denominator = torch.where(member_tokens > 0, member_tokens.to(values.dtype), 1.0)
+        loss = 0.5 * (masked_sum(per_token, heads, dim=over) / denominator).mean()
+        with torch.no_grad():
+            metrics = {
+                "critic/vf_loss": float(loss),
+                "critic/vf_clipfrac": float(masked_mean(clipped_frac, heads)),
+                "critic/explained_var": float(explained_variance(values, targets, heads)),
+            }
+        return loss, metrics
+
+
+def bootstrap_weights(rows: Tensor, num_members: int, seed: int, step: int, p: float = 0.5) -> Tensor:
+    """Bootstrap masks of an ensemble's members: ``[B, num_members]``, 1 with probability ``p`` and else 0.
+
+    Member ``e`` trains on sequence ``b`` where the mask is 1, so that the members fit different resamples of the
+    data and disagree where it is scarce. Each row draws from a stream of its own, keyed by ``(seed, step, row)``:
+    a sequence's mask is the same however a batch is split over processes and micro-batches.
+
+    Args:
+        rows: ``[B]`` integer indices of the sequences in the step's whole batch.
+    """
+    draws = []
+    for row in rows.tolist():
+        # the trainer's stream key (seed, step, 3, row): its streams 0-2 sample, order minibatches, draw flow noise
+        key = (((seed * 1_000_003 + step) * 1_000_033 + 4) * 1_000_033 + row + 1) % 2**63
+        draws.append(torch.rand(num_members, generator=torch.Generator().manual_seed(key)))
+    uniform = torch.stack(draws) if draws else torch.zeros(0, num_members)
+    return (uniform < p).float().to(rows.device)
 
 
 def pessimistic_targets(

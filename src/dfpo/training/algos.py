@@ -29,7 +29,7 @@ ALGOS: dict[str, Algo] = {
         ("critic.kind=scalar", "advantage.estimator=gae"),
     ),
     "robust_ppo": Algo(
-        "robust-Bellman PPO: an ensemble of value heads regressed onto the worst case of their GAE targets",
+        "robust-Bellman PPO: bootstrapped ensemble value heads regressed onto the worst case of their GAE targets",
         ("critic.kind=ensemble", "critic.heads=4", "advantage.estimator=gae"),
     ),
     "dvpo": Algo(

@@ -118,6 +118,13 @@ class CriticOptions:
         0.02, "quantile critic: Huber threshold of the quantile loss in return_scale units (small: quantiles)"
     )
     pessimism: float = option(0.0, "ensemble critic: quantile of the members' targets (0: the minimum)")
+    bootstrap: float = option(
+        0.5,
+        "ensemble critic: the probability that a member trains on a sequence (a Bernoulli bootstrap mask per "
+        "sequence and member, drawn from the seed, the step and the sequence's row), so that the members fit "
+        "different resamples and their minimum is pessimistic where data is scarce (Bootstrapped DQN's masks, "
+        "Osband et al. 2016; 0.5: the double-or-nothing bootstrap); 0 or 1: every member trains on every sequence",
+    )
     flow: dict = option({}, "extra options of ValueFlowCritic.loss, e.g. critic.flow.coupling=independent")
     lora_rank: int = option(0, "r > 0: LoRA adapters of rank r on a separate critic trunk instead of all its weights")
     lora_alpha: float = option(0.0, "LoRA scaling alpha of the critic trunk (0: twice the rank)")
@@ -398,6 +405,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.sample_steps={c.critic.sample_steps}: must be at least 1 (one Euler step)")
     if c.critic.kind == "quantile" and c.critic.quantiles < 2:
         raise ConfigError(f"critic.quantiles={c.critic.quantiles}: a quantile critic needs at least 2")
+    if not 0.0 <= c.critic.bootstrap <= 1.0:
+        raise ConfigError(
+            f"critic.bootstrap={c.critic.bootstrap}: must be a probability, 0 <= p <= 1 (0 or 1: no bootstrap masks)"
+        )
     if c.critic.kind in ("ensemble", "quantile") and c.critic.heads < 1:
         raise ConfigError(f"critic.heads={c.critic.heads}: must be at least 1")
     batch = c.rollout.prompts * c.rollout.samples

@@ -53,7 +53,7 @@ from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
 from dfpo.core.kl import kl_estimate, kl_metrics
 from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
-from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, pessimistic_targets
+from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, bootstrap_weights, pessimistic_targets
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.rollout import (
@@ -100,6 +100,17 @@ class DataOrder:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
+
+
+@dataclasses.dataclass(frozen=True)
+class MinibatchTotals:
+    """A minibatch's size over all processes: each micro-batch's losses are scaled by their share of it, so that
+    the gradients accumulated over micro-batches and processes are those of the whole minibatch's losses."""
+
+    sequences: int  # every sequence: the share of sequence-mean losses
+    responses: int  # sequences with at least one token in the loss: FlowRL's mean is over them
+    tokens: float  # response tokens in the loss: the share of token-mean losses
+    member_tokens: Tensor | None = None  # [E] the tokens each member of a bootstrapped ensemble critic trains on
 
 
 def _schedule(kind: str, warmup: int, total: int):
@@ -594,7 +605,8 @@ class Trainer:
         if c.advantage.adaptive_lam:
             lam = advantage_estimators.adaptive_lambda(g_mask.sum(-1), c.advantage.adaptive_lam)
         inputs = {"rewards": g["rewards"], "values": g.get("values"), "samples": g.get("samples"),
-                  "scores": g["scores"], "mask": g_mask, "group": g["group"], "gamma": c.advantage.gamma}  # fmt: skip
+                  "scores": g["scores"], "mask": g_mask, "group": g["group"], "valid": g["kept"].bool(),
+                  "gamma": c.advantage.gamma}  # fmt: skip
         adv, returns, adv_metrics = advantage_estimators.compute(c.advantage.estimator, **inputs, lam=lam)
         metrics.update(adv_metrics)
         if adv.dim() == 3:  # distributional: per-sample advantages; the actor uses their mean
@@ -833,10 +845,9 @@ class Trainer:
                 # in row order, micro-batches hold the answers to one prompt together (it then runs once); the
                 # minibatch's gradient is the same whatever its micro-batches
                 rows = rows.sort().values
-                tokens = batch["global_mask"][rows].sum().clamp_min(1.0)
                 mine = rows[(rows >= offset) & (rows < offset + local)] - offset
                 self._draw_key += 1  # the critic loss's draws in this minibatch
-                record, ok = self._minibatch(batch, mine, len(rows), tokens, micro, width, actor_active)
+                record, ok = self._minibatch(batch, mine, self._totals(batch, rows), micro, width, actor_active)
                 records.append(record)
                 skipped |= not ok
         self.policy.eval()
@@ -845,13 +856,30 @@ class Trainer:
         out["actor/active"] = float(actor_active)
         return out, skipped
 
+    def _totals(self, batch: dict[str, Tensor], rows: Tensor) -> MinibatchTotals:
+        """The size of the minibatch of the step's global ``rows``."""
+        lengths = batch["global_mask"][rows].sum(-1)
+        weights = self._bootstrap(rows)
+        return MinibatchTotals(
+            sequences=len(rows), responses=int((lengths > 0).sum()), tokens=max(float(lengths.sum()), 1.0),
+            member_tokens=None if weights is None else (weights.to(lengths.device) * lengths[:, None]).sum(0),
+        )  # fmt: skip
+
+    def _bootstrap(self, rows: Tensor) -> Tensor | None:
+        """``[len(rows), E]`` bootstrap masks of an ensemble critic's members on the step's global ``rows``; None
+        without an ensemble critic or with ``critic.bootstrap`` 0 or 1 (every member on every sequence)."""
+        k = self.config.critic
+        if k.kind != "ensemble" or k.bootstrap in (0.0, 1.0):
+            return None
+        return bootstrap_weights(rows.cpu(), k.heads, self.config.seed, self.step, k.bootstrap)
+
     def _minibatch(
-        self, batch: dict[str, Tensor], rows: Tensor, count: int, tokens: Tensor, micro: int, width: int,
+        self, batch: dict[str, Tensor], rows: Tensor, totals: MinibatchTotals, micro: int, width: int,
         actor_active: bool,
     ) -> tuple[dict[str, float], bool]:  # fmt: skip
-        """One optimizer step on a minibatch of ``count`` sequences and ``tokens`` response tokens (over all
-        ranks), of which this rank holds ``rows``: each micro-batch's loss is scaled by its share of the minibatch,
-        so the gradients summed over micro-batches and ranks are those of the whole minibatch's loss."""
+        """One optimizer step on a minibatch of ``totals`` (over all ranks), of which this rank holds ``rows``:
+        each micro-batch's loss is scaled by its share of the minibatch, so the gradients summed over micro-batches
+        and ranks are those of the whole minibatch's loss."""
         c = self.config
         self.actor_opt.zero_grad(set_to_none=True)
         if self.critic_opt is not None:
@@ -859,9 +887,7 @@ class Trainer:
         records = []
         total_loss = 0.0
         for part in rows.split(micro):
-            token_frac = float(batch["mask"][part].sum() / tokens)
-            seq_frac = len(part) / count
-            loss, record = self._losses(batch, part, width, actor_active, token_frac, seq_frac)
+            loss, record = self._losses(batch, part, width, actor_active, totals)
             if loss.requires_grad:
                 loss.backward()
             total_loss += float(loss.detach())
@@ -891,12 +917,14 @@ class Trainer:
         """``steps`` more critic gradient steps on the whole batch, from the frozen features saved while scoring
         (the critic's targets stay those of this step). Returns the loss and explained variance after them."""
         rows = torch.arange(batch["mask"].shape[0])
-        share = float(batch["mask"].sum() / batch["global_mask"].sum().clamp_min(1.0))  # of the global batch
+        totals = self._totals(batch, torch.arange(batch["global_mask"].shape[0]))
+        share = float(batch["mask"].sum() / totals.tokens)  # of the global batch
+        member_tokens = None if totals.member_tokens is None else totals.member_tokens * share
         record: dict[str, float] = {}
         for _ in range(steps):
             self._draw_key += 1
             self.critic_opt.zero_grad(set_to_none=True)
-            loss, record = self._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"])
+            loss, record = self._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"], member_tokens)
             (loss * share).backward()
             params = [p for g in self.critic_opt.param_groups for p in g["params"]]
             distributed.sum_gradients(params, self.world)
@@ -921,13 +949,13 @@ class Trainer:
         return float(norm)
 
     def _losses(
-        self, batch: dict[str, Tensor], part: Tensor, width: int, actor_active: bool, token_frac: float,
-        seq_frac: float,
-    ) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+        self, batch: dict[str, Tensor], part: Tensor, width: int, actor_active: bool, totals: MinibatchTotals
+    ) -> tuple[Tensor, dict[str, float]]:
         """The micro-batch's share of the minibatch loss (actor + KL loss + critic), scaled so that the gradients
         accumulated over micro-batches equal the gradient of the whole minibatch's loss."""
         c = self.config
         ids, attn, mask = batch["ids"][part], batch["attn"][part], batch["mask"][part]
+        token_frac = float(mask.sum() / totals.tokens)
         policy_grad = self._policy_needs_grad()
         loss = torch.zeros(())
         record: dict[str, float] = {}
@@ -938,7 +966,12 @@ class Trainer:
             logp, hidden = self._policy_forward(ids, attn, width, policy_grad)
         if actor_active:  # (then the policy forward ran, with gradients)
             actor_loss, m = self._actor_loss(batch, part, logp, mask)
-            frac = token_frac if c.actor.aggregation == "token-mean" else seq_frac
+            if c.actor.loss == "flowrl":  # a mean over the sequences with a token in the loss
+                frac = float((mask.sum(-1) > 0).sum()) / max(totals.responses, 1)
+            elif c.actor.aggregation == "token-mean":
+                frac = token_frac
+            else:
+                frac = len(part) / totals.sequences
             loss = loss + actor_loss * frac
             record.update(m)
             if c.kl.mode == "loss":
@@ -951,7 +984,9 @@ class Trainer:
                     hidden = trunk_hidden(self.trunk, ids, attn, width)
             elif c.critic.backbone == "frozen":
                 hidden = hidden.detach()
-            critic_loss, m = self._critic_loss(hidden.float(), batch, part, mask)
+            # an ensemble member's mean is over its tokens in the whole minibatch, in units of this part's share
+            member_tokens = None if totals.member_tokens is None else totals.member_tokens * token_frac
+            critic_loss, m = self._critic_loss(hidden.float(), batch, part, mask, member_tokens)
             weight = c.critic.coef if c.critic.backbone == "shared" else 1.0
             loss = loss + weight * critic_loss * token_frac
             record.update(m)
@@ -971,17 +1006,23 @@ class Trainer:
         return policy_losses.POLICY_LOSSES.call(
             c.actor.loss, log_probs=logp, old_log_probs=batch["old_logp"][part], advantages=batch["adv"][part],
             mask=mask, clip_low=c.actor.clip_low, clip_high=c.actor.clip_high, aggregation=c.actor.aggregation,
-            **c.actor.loss_options,
+            normalizer=c.rollout.max_new_tokens, **c.actor.loss_options,
         )  # fmt: skip
 
     def _critic_loss(
-        self, hidden: Tensor, batch: dict[str, Tensor], part: Tensor, mask: Tensor
+        self, hidden: Tensor, batch: dict[str, Tensor], part: Tensor, mask: Tensor, member_tokens: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
+        """The critic's loss on this rank's rows ``part``; ``member_tokens [E]``: what a bootstrapped ensemble's
+        members divide their token sums by (:meth:`ScalarValueHead.loss`; default: their tokens in ``part``)."""
         k = self.config.critic
         targets = batch["targets"][part]
         if k.kind in ("scalar", "ensemble"):
             old = batch["ensemble"][part] if k.kind == "ensemble" else batch["values"][part]
-            return self.critic.loss(hidden, targets, mask, old_values=old, clip=k.value_clip or None)
+            weights = self._bootstrap(part + self.world.rank * self._local_rows)
+            return self.critic.loss(
+                hidden, targets, mask, old_values=old, clip=k.value_clip or None,
+                member_weights=None if weights is None else weights.to(hidden.device), member_tokens=member_tokens,
+            )  # fmt: skip
         if k.kind == "quantile":
             return self.critic.loss(hidden, targets, mask, kappa=k.kappa, risk_weight=k.risk_weight,
                                     risk_targets=k.risk_targets)  # fmt: skip
