@@ -6,6 +6,7 @@ from conftest import right_padded_mask
 
 from dfpo.core import advantages
 from dfpo.core.advantages import (
+    adaptive_lambda,
     distributional_gae,
     dr_grpo,
     gae,
@@ -55,6 +56,21 @@ def test_gae_matches_naive_reverse_loop_whatever_is_on_padding(gen, gamma, lam):
     torch.testing.assert_close(adv, want_adv)
     torch.testing.assert_close(ret, want_ret)
     assert adv.shape == ret.shape == (len(LENGTHS), T)
+
+
+def test_per_sequence_lambda_is_each_sequence_with_its_own_lambda(gen):
+    """VAPO's length-adaptive lambda: one lambda per sequence, each row as GAE with that lambda alone."""
+    mask = right_padded_mask(LENGTHS, T)
+    rewards = torch.randn(len(LENGTHS), T, generator=gen, dtype=torch.float64)
+    values = torch.randn(len(LENGTHS), T, 3, generator=gen, dtype=torch.float64)
+    lam = adaptive_lambda(mask.sum(-1), alpha=0.2)
+    assert lam.tolist() == pytest.approx([1 - 1 / (0.2 * n) if 0.2 * n > 1 else 0.0 for n in LENGTHS])
+    adv, ret = distributional_gae(rewards, values, mask, 0.99, lam)
+    for i in range(len(LENGTHS)):
+        want_adv, want_ret = distributional_gae(rewards, values, mask, 0.99, float(lam[i]))
+        torch.testing.assert_close(adv[i], want_adv[i])
+        torch.testing.assert_close(ret[i], want_ret[i])
+    assert float(adaptive_lambda(torch.tensor([1000.0]), 0.05)) == pytest.approx(0.98)
 
 
 def test_gae_with_lambda_one_and_zero_values_is_returns_to_go(gen):

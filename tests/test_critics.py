@@ -108,7 +108,7 @@ def test_bootstrapped_members_disagree_where_plain_ones_agree():
     mask = torch.ones(24, 3)
     held_out = torch.randn(200, 6, generator=gen)
     torch.manual_seed(0)
-    start = ScalarValueHead(6, num_heads=4)
+    start = ScalarValueHead(6, num_heads=4, width=0)  # linear members: a convex problem each
     initial = float(start(held_out).detach().std(-1).mean())
     spread = {}
     for name, weights in (("plain", None), ("bootstrap", bootstrap_weights(torch.arange(24), 4, seed=0, step=1))):
@@ -270,3 +270,13 @@ def test_flow_critic_padding_does_not_affect_the_loss(gen):
     a, _ = critic.loss(hidden, targets, mask, generator=torch.Generator().manual_seed(0))
     b, _ = critic.loss(junk_h, junk_t, mask, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
+
+
+def test_scalar_head_normalises_its_input_like_the_other_critics_and_width_zero_is_linear(gen):
+    hidden = torch.randn(3, 5, 12, generator=gen)
+    head = ScalarValueHead(12, width=16)
+    # LayerNorm first: a feature scale and shift common to every dimension does not change the value
+    torch.testing.assert_close(head.value(hidden), head.value(10.0 * hidden + 3.0), atol=1e-4, rtol=1e-4)
+    linear = ScalarValueHead(12, num_heads=2, width=0)
+    assert sum(p.numel() for p in linear.parameters()) == 12 * 2 + 2
+    torch.testing.assert_close(linear(hidden), hidden @ linear.proj.weight.T + linear.proj.bias)

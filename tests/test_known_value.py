@@ -46,16 +46,17 @@ def test_reward_ranges():
     assert UserTask.reward_range is None
 
 
-def test_prompt_kind_rewards_the_last_operands_parity_whatever_the_response():
+def test_prompt_kind_rewards_the_last_operator_whatever_the_response():
     task = KnownValue(kind="prompt")
     completions = ["12 + 34 = 46. 46 - 5 = 41. The answer is 41.", "The answer is 40.", "", "no idea"]
-    for expression, bit in [("12 + 34 - 5", 0.0), ("12 + 34 - 50", 1.0), ("7 - 0", 1.0), ("98 + 13", 0.0)]:
+    for expression, bit in [("12 + 34 - 5", 0.0), ("12 - 34 + 50", 1.0), ("7 - 0", 0.0), ("98 + 13", 1.0)]:
         e = example(expression)
         assert task.score_batch(completions, [e] * 4) == [bit] * 4
         assert task.value(e) == bit and task.return_distribution(e) == [(bit, 1.0)]
     for e in task.examples("eval", 100):
-        assert task.score("The answer is 2.", e) == task.value(e) == float(e["last_operand"] % 2 == 0)
-    assert 0 < sum(task.value(e) for e in task.examples("eval")) < 500  # both parities occur
+        assert task.score("The answer is 2.", e) == task.value(e) == float(e["last_operator"] == "+")
+    assert 0 < sum(task.value(e) for e in task.examples("eval")) < 500  # both operators occur
+    assert {e["terms"] for e in task.examples("eval")} == {2}  # two-term problems by default
 
 
 def test_response_kind_rewards_an_even_last_digit_of_the_final_answer():
@@ -79,11 +80,10 @@ def test_response_kind_rewards_an_even_last_digit_of_the_final_answer():
     assert task.value(e) is None and task.return_distribution(e) is None
 
 
-@pytest.mark.parametrize("digit", [0, 3, 5, 9])
-def test_bernoulli_rate_over_distinct_prompts_matches_p(digit):
+@pytest.mark.parametrize(("operator", "p"), [("+", 0.8), ("-", 0.2)])
+def test_bernoulli_rate_over_distinct_prompts_matches_p(operator, p):
     task = KnownValue(kind="bernoulli")
-    examples = [example(f"{a} + {10 * b + digit}") for a in range(100) for b in range(40)]
-    p = (digit + 0.5) / 10
+    examples = [example(f"{a} {operator} {b}") for a in range(100) for b in range(40)]
     assert {task.value(e) for e in examples} == {p}
     assert task.return_distribution(examples[0]) == [(0.0, 1 - p), (1.0, p)]
     rewards = task.score_batch(["The answer is 7."] * len(examples), examples)
@@ -98,10 +98,10 @@ def test_bernoulli_draws_of_identical_completions_are_independent():
     rewards = task.score_batch(["The answer is 41."] * 4000, [e] * 4000)
     assert within_four_standard_errors(rewards, p)
     # two identical completions of each of 4,000 prompts: both rewarded with probability p^2, not p
-    examples = [example(f"{a} + {10 * b + 5}") for a in range(100) for b in range(40)]
+    examples = [example(f"{a} + {b}") for a in range(100) for b in range(40)]
     pairs = task.score_batch(["The answer is 7."] * 8000, [e for e in examples for _ in range(2)])
     both = [pairs[2 * i] * pairs[2 * i + 1] for i in range(len(examples))]
-    assert within_four_standard_errors(both, 0.55**2)
+    assert within_four_standard_errors(both, 0.8**2)
     # occurrences are counted per (prompt, completion): a different completion in between does not shift them
     assert task.score_batch(["a", "b", "a"], [e] * 3) == [
         task.score_batch(["a"], [e])[0], task.score_batch(["b"], [e])[0], task.score_batch(["a", "a"], [e] * 2)[1],
@@ -134,11 +134,11 @@ def test_tiny_model_rewards_match_the_known_values():
     rollout = sample(model, tokenizer, prompts, 4, 48, 0.7)
     per_sample = [examples[i] for i in rollout.prompt_index.tolist()]
     rewards = prompt_task.score_batch(rollout.completions, per_sample)
-    even_share = sum(e["last_operand"] % 2 == 0 for e in examples) / len(examples)
-    assert 0 < even_share < 1 and sum(rewards) / len(rewards) == pytest.approx(even_share)
+    plus_share = sum(e["last_operator"] == "+" for e in examples) / len(examples)
+    assert 0 < plus_share < 1 and sum(rewards) / len(rewards) == pytest.approx(plus_share)
     # the response kind reads the model's own answer: where that answer is right, its parity is the true result's
     response_task = KnownValue(kind="response", prompt_style="terse")
-    arithmetic = Arithmetic(prompt_style="terse")
+    arithmetic = Arithmetic(prompt_style="terse", max_terms=2)
     right = [(c, e) for c, e in zip(rollout.completions, per_sample, strict=True) if arithmetic.score(c, e) == 1.0]
     assert len(right) >= 16
     assert [response_task.score(c, e) for c, e in right] == [float(int(e["answer"]) % 2 == 0) for _, e in right]

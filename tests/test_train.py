@@ -285,6 +285,11 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["kl.mode=sometimes"], "kl.mode='sometimes': valid values are reward, loss, none"),
         (["critic.flow.coupling=sortd"], "critic.flow.coupling='sortd': valid values are sorted, independent"),
         (["critic.flow.consistancy=none"], "critic.flow.consistancy: not an option of the flow critic; valid:"),
+        (["advantage.critic_lam=1.5"], "advantage.critic_lam=1.5: must be in [0, 1]"),
+        (["advantage.adaptive_lam=-1"], "advantage.adaptive_lam=-1.0: must be 0 (off) or > 0"),
+        (["critic.kappa=0"], "critic.kappa=0.0: must be > 0"),
+        (["critic.risk_targets=mine"], "critic.risk_targets='mine': valid values are pooled, token"),
+        (["critic.width=0"], "critic.width=0: must be at least 1 (0, a bare linear head, only for scalar"),
     ],
 )
 def test_refused_configs_name_the_key(args, message, tmp_path, capsys):
@@ -397,37 +402,81 @@ def test_train_on_user_data_and_reward_function(tmp_path, capsys):
     assert "RewardFunctionError" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dfpo", "dvpo"])
-def test_extra_critic_steps_fit_the_step_batch_from_saved_features(algo, tmp_path):
-    """critic.updates=k takes k - 1 more critic steps on the step's batch alone: the critic's loss on that batch
-    falls, the actor and the policy are untouched by them, and the whole step stays finite."""
-    base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL]
-    trainer = Trainer(build_config([*base, f"run_dir={tmp_path / 'a'}", "critic.updates=6"]))
+@pytest.mark.parametrize(
+    ("algo", "backbone"), [("ppo", "frozen"), ("dfpo", "frozen"), ("dvpo", "frozen"), ("ppo", "separate")]
+)
+def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path):
+    """critic.updates=k takes k - 1 more critic steps on the step's batch alone (from the saved features, or
+    through a separate critic trunk, a micro-batch at a time): the critic's loss on that batch falls, the actor and
+    the policy are untouched by them, and the whole step stays finite."""
+    from dfpo.rollout import trunk_hidden
+
+    base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL, f"critic.backbone={backbone}"]
+    extra = ["actor.micro_batch=4"] if backbone == "separate" else []
+    trainer = Trainer(build_config([*base, f"run_dir={tmp_path / 'a'}", "critic.updates=6", *extra]))
     trainer.step = 1
     captured = {}
     original = trainer._critic_steps
 
-    def batch_loss(batch):  # the flow critic's loss draws noise: the same draws before and after
+    def batch_loss(batch, width):  # the flow critic's loss draws noise: the same draws before and after
         rows = torch.arange(batch["mask"].shape[0])
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(0)
-            return float(trainer._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"])[0].detach())
+            if trainer.trunk is None:
+                hidden = batch["critic_hidden"]
+            else:
+                hidden = trunk_hidden(trainer.trunk, batch["ids"], batch["attn"], width).float()
+            return float(trainer._critic_loss(hidden, batch, rows, batch["mask"])[0])
 
-    def spy(batch, steps):
-        before = batch_loss(batch)
+    def spy(batch, steps, micro, width):
+        before = batch_loss(batch, width)
         policy = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-        out = original(batch, steps)
-        after = batch_loss(batch)
-        captured.update(before=before, after=after, steps=steps)
+        out = original(batch, steps, micro, width)
+        after = batch_loss(batch, width)
+        captured.update(before=before, after=after, steps=steps, micro=micro)
         assert all(torch.equal(v, trainer.policy.state_dict()[k]) for k, v in policy.items())
         return out
 
     trainer._critic_steps = spy
     metrics = trainer.train_step()
     assert captured["steps"] == 5 and captured["after"] < captured["before"]
+    assert captured["micro"] == (4 if backbone == "separate" else 0)
     assert "critic/extra_steps_explained_var" in metrics and torch.isfinite(
         torch.tensor(metrics["critic/extra_steps_loss"])
     )
-    with pytest.raises(ConfigError, match=r"critic\.updates=3 trains the critic head on saved features"):
-        build_config([*base, "critic.updates=3", "critic.backbone=separate"])
+    with pytest.raises(ConfigError, match=r"critic\.updates=3: extra critic steps would move the policy"):
+        build_config([*base, "critic.updates=3", "critic.backbone=shared"])
     trainer.log.close()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "robust_ppo", "dfpo"])
+def test_critic_targets_are_monte_carlo_returns(algo, tmp_path):
+    """Decoupled GAE: with advantage.critic_lam=1 (the default) the critic regresses onto the returns-to-go of
+    the per-token rewards (every distributional target sample equal to it), whatever the critic predicts, while
+    the actor's advantages keep advantage.lam; with critic_lam=advantage.lam the targets are GAE's returns."""
+    from dfpo.core.advantages import returns_to_go
+
+    for critic_lam, monte_carlo in ((1.0, True), (0.95, False)):
+        run = tmp_path / str(critic_lam)
+        # a coin-flip reward: returns that vary whatever the responses
+        config = build_config([f"algo={algo}", "steps=1", "eval.splits=", *SMALL, f"run_dir={run}",
+                               "task=known_value", "task_options.kind=bernoulli", "noise=clean",
+                               f"advantage.critic_lam={critic_lam}"])  # fmt: skip
+        trainer = Trainer(config)
+        trainer.step = 1
+        seen = {}
+        original = trainer._critic_metrics
+
+        def spy(g, targets, seen=seen, original=original):
+            seen.update(g=g, targets=targets)
+            return original(g, targets)
+
+        trainer._critic_metrics = spy
+        metrics = trainer.train_step()
+        g, targets = seen["g"], seen["targets"]
+        mc = returns_to_go(g["rewards"], g["mask"])
+        goal = targets.mean(-1) if targets.dim() == 3 else targets
+        assert float(mc.abs().max()) > 0.5  # some sample was rewarded
+        assert torch.allclose(goal, mc, atol=1e-5) == monte_carlo
+        assert {"critic/explained_var_mc", "critic/value_bias"} <= set(metrics)
+        trainer.log.close()

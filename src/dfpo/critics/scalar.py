@@ -11,20 +11,30 @@ from dfpo.core.value_losses import clipped_mse, clipped_squared_error
 
 
 class ScalarValueHead(nn.Module):
-    """``V(s_t) = w^T h_t + b``, or an ensemble of ``num_heads`` such heads (for robust-Bellman PPO).
+    """PPO's value head, or an ensemble of ``num_heads`` value heads (for robust-Bellman PPO).
 
-    ``forward(hidden [..., H]) -> [..., num_heads]``; ``value(hidden) -> [...]`` is the mean over heads.
+    ``h -> LayerNorm -> Linear(H, width) -> SiLU -> Linear(width, width) -> SiLU -> Linear(width, num_heads)``: the
+    same input normalisation and trunk as the quantile critic's, so that a comparison of critics compares what
+    they predict (a mean or a distribution), not how their inputs are scaled or how deep their heads are.
+    ``width=0`` gives the bare linear head ``V = w^T h + b`` on unnormalised features (the earlier head; an
+    ablation). ``forward(hidden [..., H]) -> [..., num_heads]``; ``value(hidden) -> [...]`` is the mean over heads.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 1, init_std: float = 0.02) -> None:
+    def __init__(self, hidden_size: int, num_heads: int = 1, width: int = 64, init_std: float = 0.02) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.proj = nn.Linear(hidden_size, num_heads)
+        self.num_heads, self.width = num_heads, width
+        if width:
+            self.trunk: nn.Module = nn.Sequential(
+                nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU()
+            )
+        else:
+            self.trunk = nn.Identity()
+        self.proj = nn.Linear(width or hidden_size, num_heads)
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.proj(hidden)
+        return self.proj(self.trunk(hidden))
 
     def value(self, hidden: Tensor) -> Tensor:
         """Mean value over heads, ``[..., H] -> [...]``."""

@@ -3,14 +3,21 @@
 The prompts are the ``arithmetic`` task's (``12 + 34 - 5 =`` in the terse style), so a model trained on that task
 (the tiny model) answers them as usual; the reward ignores whether the answer is right. ``kind`` chooses it:
 
-- ``"prompt"``: 1 when the expression's last operand is even, else 0, whatever the response. The value of every
-  state of the response is that bit, and it can be read off the end of the prompt.
+- ``"prompt"``: 1 when the expression's last operator is ``+``, else 0, whatever the response. The value of every
+  state of the response is that bit, and it can be read off the end of the prompt (and off the worked step the
+  model writes with it). A feature the model's own states carry: on the tiny model's 2-term problems a ridge probe
+  on its last-layer states recovers it with R^2 of about 0.7 at every response token, where the last operand's
+  parity, say, is not linearly readable at all (R^2 about 0).
 - ``"response"``: 1 when the response's marked final answer is an integer whose last digit is even, else 0 (no
   parsable answer: 0). The value depends on the policy until the answer's last digit is written, and is 0 or 1
   from there on.
-- ``"bernoulli"``: 1 with probability ``p = (d + 0.5) / 10``, ``d`` the last digit of the last operand,
-  independently of the response. The value is ``p`` at every state and the return is 0 or 1: a critic should
-  learn the mean ``p`` and, if it models the distribution, the two atoms with weights ``1 - p`` and ``p``.
+- ``"bernoulli"``: 1 with probability ``p = 0.8`` when the last operator is ``+`` and ``p = 0.2`` when it is
+  ``-``, independently of the response. The value is ``p`` at every state and the return is 0 or 1: a critic
+  should learn the mean ``p`` and, if it models the distribution, the two atoms with weights ``1 - p`` and ``p``
+  (std 0.4, CVaR_0.1 0).
+
+The problems default to two terms (``min_terms = max_terms = 2``): one operator, short responses; there are 20,000
+two-term two-digit problems, so the train split defaults to 10,000.
 
 :meth:`KnownValue.value` and :meth:`KnownValue.return_distribution` give the truth a critic is measured against.
 
@@ -19,7 +26,7 @@ number, where ``occurrence`` counts the earlier samples in the batch with the sa
 resumed run sees the same rewards, and identical completions of one prompt in a batch (the tiny model often writes
 the same one several times) still get independent draws. A step's samples of a prompt are scored together, by one
 process, so the count does not depend on how a step is split over processes. A prompt met again in a later epoch
-draws the same rewards for the same completions; the default 20,000 train prompts make that rare.
+draws the same rewards for the same completions; the default 10,000 train prompts make that rare.
 :meth:`KnownValue.score`, which evaluation calls one completion at a time, uses occurrence 0: a greedy evaluation
 is reproducible, but identical replies in ``mean@k`` share one draw.
 """
@@ -43,9 +50,14 @@ def last_operand(example: dict[str, Any]) -> int:
     return int(example["expression"].split()[-1])
 
 
+def last_operator(example: dict[str, Any]) -> str:
+    """The last operator of the example's expression (just before its last operand)."""
+    return example["expression"].split()[-2]
+
+
 def success_probability(example: dict[str, Any]) -> float:
-    """The ``bernoulli`` kind's ``p = (d + 0.5) / 10`` for ``d`` the last digit of the last operand: 0.05 .. 0.95."""
-    return (last_operand(example) % 10 + 0.5) / 10
+    """The ``bernoulli`` kind's ``p``: 0.8 when the last operator is ``+``, else 0.2."""
+    return 0.8 if last_operator(example) == "+" else 0.2
 
 
 def uniform_draw(seed: int, prompt: Any, completion: str, occurrence: int) -> float:
@@ -59,8 +71,8 @@ class KnownValue(Task):
     """Arithmetic prompts whose reward, chosen by ``kind``, has a known value function (see the module docstring).
 
     Args:
-        kind: ``"prompt"`` (parity of the last operand), ``"response"`` (parity of the answer's last digit) or
-            ``"bernoulli"`` (a coin with a probability set by the last operand's last digit).
+        kind: ``"prompt"`` (the last operator is ``+``), ``"response"`` (parity of the answer's last digit) or
+            ``"bernoulli"`` (a coin with a probability set by the last operator).
         min_terms, max_terms, digits, operators, min_digits, eval_size, train_size, seed, few_shot, prompt_style:
             as for :class:`~dfpo.tasks.arithmetic.Arithmetic`, which makes the prompts; ``seed`` also keys the
             Bernoulli draws.
@@ -72,12 +84,12 @@ class KnownValue(Task):
         self,
         kind: str = "prompt",
         min_terms: int = 2,
-        max_terms: int = 3,
+        max_terms: int = 2,
         digits: int = 2,
         operators: str = "+-",
         min_digits: int | None = None,
         eval_size: int = 500,
-        train_size: int = 20_000,
+        train_size: int = 10_000,
         seed: int = 0,
         few_shot: int = 0,
         prompt_style: str = "instruct",
@@ -92,9 +104,12 @@ class KnownValue(Task):
         )  # fmt: skip
 
     def examples(self, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The arithmetic task's examples of ``split``, each with its ``last_operand``."""
+        """The arithmetic task's examples of ``split``, each with its ``last_operand`` and ``last_operator``."""
         self._check_split(split)
-        return [{**e, "last_operand": last_operand(e)} for e in self.arithmetic.examples(split, limit)]
+        return [
+            {**e, "last_operand": last_operand(e), "last_operator": last_operator(e)}
+            for e in self.arithmetic.examples(split, limit)
+        ]
 
     def score(self, completion: str, example: dict[str, Any]) -> float:
         """Reward of one completion; a Bernoulli draw is the one for occurrence 0."""
@@ -111,10 +126,10 @@ class KnownValue(Task):
         return rewards
 
     def value(self, example: dict[str, Any]) -> float | None:
-        """The expected reward of ``example`` under any policy: the parity bit (``prompt``), ``p`` (``bernoulli``);
+        """The expected reward of ``example`` under any policy: the operator bit (``prompt``), ``p`` (``bernoulli``);
         ``None`` for ``response``, whose value depends on the policy until the answer is written."""
         if self.kind == "prompt":
-            return float(last_operand(example) % 2 == 0)
+            return float(last_operator(example) == "+")
         if self.kind == "bernoulli":
             return success_probability(example)
         return None

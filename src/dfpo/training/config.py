@@ -96,7 +96,8 @@ class CriticOptions:
     updates: int = option(
         1,
         "critic gradient steps per training step: the first with the actor's update, the others on the step's "
-        "batch alone, from the features saved while scoring (frozen backbone; cheap: the head only)",
+        "batch alone (frozen backbone: from the features saved while scoring, the head only; separate: the critic "
+        "trunk's forward and backward again; not with a shared trunk)",
     )
     grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
     value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
@@ -104,7 +105,11 @@ class CriticOptions:
     sample_steps: int = option(
         1, "Euler steps from noise to a return sample of the flow critic (1: DFPO's one step; more: an ablation)"
     )
-    width: int = option(64, "hidden width of the critic head")
+    width: int = option(
+        64,
+        "hidden width of the critic head, every kind alike (LayerNorm, then an MLP of this width); scalar and "
+        "ensemble critics: 0 gives a bare linear head on unnormalised features",
+    )
     heads: int = option(3, "heads of a quantile critic, members of an ensemble critic")
     quantiles: int = option(200, "M quantiles per head of a quantile critic")
     return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
@@ -394,12 +399,16 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kappa={c.critic.kappa}: must be > 0 (e.g. 0.02; small against the return spread)")
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
+    if c.critic.width < 0 or (c.critic.width == 0 and c.critic.kind in ("quantile", "flow")):
+        raise ConfigError(
+            f"critic.width={c.critic.width}: must be at least 1 (0, a bare linear head, only for scalar and ensemble)"
+        )
     if c.critic.updates < 1:
         raise ConfigError(f"critic.updates={c.critic.updates}: must be at least 1")
-    if c.critic.updates > 1 and c.critic.kind != "none" and c.critic.backbone != "frozen":
+    if c.critic.updates > 1 and c.critic.kind != "none" and c.critic.backbone == "shared":
         raise ConfigError(
-            f"critic.updates={c.critic.updates} trains the critic head on saved features: it needs "
-            f"critic.backbone=frozen (got {c.critic.backbone})"
+            f"critic.updates={c.critic.updates}: extra critic steps would move the policy's own trunk; use "
+            "critic.backbone=frozen or separate with several updates, or critic.updates=1 with a shared trunk"
         )
     if c.critic.sample_steps < 1:
         raise ConfigError(f"critic.sample_steps={c.critic.sample_steps}: must be at least 1 (one Euler step)")

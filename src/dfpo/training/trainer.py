@@ -412,9 +412,9 @@ class Trainer:
     def _build_critic(self) -> nn.Module | None:
         k, h = self.config.critic, self.hidden_size
         if k.kind == "scalar":
-            return ScalarValueHead(h)
+            return ScalarValueHead(h, width=k.width)
         if k.kind == "ensemble":
-            return ScalarValueHead(h, num_heads=k.heads)
+            return ScalarValueHead(h, num_heads=k.heads, width=k.width)
         if k.kind == "quantile":
             return QuantileCritic(h, k.quantiles, k.heads, k.width, k.return_scale)
         if k.kind == "flow":
@@ -637,7 +637,7 @@ class Trainer:
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width, micro)
         if c.critic.updates > 1 and self.critic is not None:
-            update_metrics.update(self._critic_steps(batch, c.critic.updates - 1))
+            update_metrics.update(self._critic_steps(batch, c.critic.updates - 1, micro, width))
         self._policy_out = None
         self._refresh_rollout_policy()
         times["update"] = time.perf_counter() - t
@@ -792,7 +792,7 @@ class Trainer:
             if self.critic is not None:
                 for key, value in self._critic_outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
-                if c.critic.updates > 1 or self.observers:  # for the critic's extra steps, or an observer
+                if (c.critic.updates > 1 and self.trunk is None) or self.observers:  # extra steps, observers
                     parts.setdefault("critic_hidden", []).append(hidden.detach().float())
         return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -913,24 +913,38 @@ class Trainer:
             self.critic_opt.step()
         return record, True
 
-    def _critic_steps(self, batch: dict[str, Tensor], steps: int) -> dict[str, float]:
-        """``steps`` more critic gradient steps on the whole batch, from the frozen features saved while scoring
-        (the critic's targets stay those of this step). Returns the loss and explained variance after them."""
+    def _critic_steps(self, batch: dict[str, Tensor], steps: int, micro: int, width: int) -> dict[str, float]:
+        """``steps`` more critic gradient steps on the whole batch (the critic's targets stay those of this step):
+        a head on the policy's frozen features trains from the features saved while scoring; a separate critic
+        trunk runs its forward and backward again, ``micro`` sequences at a time (0: all at once). Returns the loss
+        and explained variance after them."""
         rows = torch.arange(batch["mask"].shape[0])
         totals = self._totals(batch, torch.arange(batch["global_mask"].shape[0]))
         share = float(batch["mask"].sum() / totals.tokens)  # of the global batch
-        member_tokens = None if totals.member_tokens is None else totals.member_tokens * share
+        parts = rows.split(micro) if micro and self.trunk is not None else [rows]
+        local_tokens = batch["mask"].sum().clamp_min(1.0)
         record: dict[str, float] = {}
+        params = [p for g in self.critic_opt.param_groups for p in g["params"]]
         for _ in range(steps):
             self._draw_key += 1
             self.critic_opt.zero_grad(set_to_none=True)
-            loss, record = self._critic_loss(batch["critic_hidden"], batch, rows, batch["mask"], member_tokens)
-            (loss * share).backward()
-            params = [p for g in self.critic_opt.param_groups for p in g["params"]]
+            total = 0.0
+            for part in parts:
+                mask = batch["mask"][part]
+                frac = share * float(mask.sum() / local_tokens)
+                if self.trunk is None:
+                    hidden = batch["critic_hidden"][part]
+                else:
+                    with self._precision():
+                        hidden = trunk_hidden(self.trunk, batch["ids"][part], batch["attn"][part], width).float()
+                member_tokens = None if totals.member_tokens is None else totals.member_tokens * frac
+                loss, record = self._critic_loss(hidden, batch, part, mask, member_tokens)
+                (loss * frac).backward()
+                total += float(loss.detach()) * frac
             distributed.sum_gradients(params, self.world)
-            loss = torch.tensor(distributed.sum_scalar(float(loss.detach()) * share, self.world))
+            total = distributed.sum_scalar(total, self.world)
             norm = self._clip(params, self.config.critic.grad_clip)
-            if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
+            if not (math.isfinite(total) and math.isfinite(norm)):
                 break  # a non-finite step is not taken; the next training step tries again
             self.critic_opt.step()
         return distributed.mean_metrics({
