@@ -280,3 +280,41 @@ def test_scalar_head_normalises_its_input_like_the_other_critics_and_width_zero_
     linear = ScalarValueHead(12, num_heads=2, width=0)
     assert sum(p.numel() for p in linear.parameters()) == 12 * 2 + 2
     torch.testing.assert_close(linear(hidden), hidden @ linear.proj.weight.T + linear.proj.bias)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "ensemble", "quantile", "flow"])
+def test_every_critic_kind_implements_the_one_interface(kind, gen):
+    """Built by name from one pool of options; outputs for the advantage estimator; targets that are the
+    Monte-Carlo returns with lambda = 1; a finite loss whose gradient reaches the critic."""
+    from dfpo.core.advantages import returns_to_go
+    from dfpo.critics import Critic, CriticContext, build, names
+
+    assert set(names()) == {"scalar", "ensemble", "quantile", "flow"}
+    pool = {"width": 16, "heads": 3, "quantiles": 12, "samples": 8, "value_clip": 0.2, "bootstrap": 0.5,
+            "flow": {"cfm_weight": 0.5}, "not_an_option_of_any_kind": 1}  # fmt: skip
+    critic = build(kind, 10, **pool)
+    assert isinstance(critic, Critic)
+    mask = right_padded_mask([5, 2, 4], 5)
+    hidden = torch.randn(3, 5, 10, generator=gen)
+    with torch.no_grad():
+        outputs = critic.outputs(hidden)
+    assert set(outputs) == set(critic.output_keys)
+    width = {"quantile": 12, "flow": 8}.get(kind)
+    if width:
+        assert outputs["samples"].shape == (3, 5, width)
+    else:
+        assert outputs["values"].shape == (3, 5) and outputs["ensemble"].shape[-1] == (3 if kind == "ensemble" else 1)
+    rewards = torch.zeros(3, 5)
+    rewards[0, 4], rewards[2, 3] = 1.0, 0.5
+    targets = critic.targets(rewards, outputs, mask, 1.0, 1.0)
+    goal = targets.mean(-1) if targets.dim() == 3 else targets
+    torch.testing.assert_close(goal, returns_to_go(rewards, mask))
+    context = CriticContext(rows=torch.arange(3), seed=0, step=1)
+    loss, metrics = critic.training_loss(hidden, targets, mask, outputs, context)
+    loss.backward()
+    assert torch.isfinite(loss) and "critic/explained_var" in metrics
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.parameters())
+    weights = critic.member_weights(torch.arange(6), 0, 1)
+    assert (weights is not None) == (kind == "ensemble")
+    with pytest.raises(KeyError, match="unknown critic 'gaussian'"):
+        build("gaussian", 10)

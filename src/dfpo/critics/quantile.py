@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean
 from dfpo.core.risk import cvar, head_consistency, risk_loss
 from dfpo.core.value_losses import quantile_huber
+from dfpo.critics.base import CriticContext, register
 
 
 class QuantileCritic(nn.Module):
@@ -23,8 +25,16 @@ class QuantileCritic(nn.Module):
         num_heads: ``N`` heads (DVPO: 3); the critic's distribution is their mean.
         width: hidden width of the shared MLP.
         return_scale: typical return magnitude; ``kappa`` of the loss is in these units.
-        value_range: optional ``(low, high)`` feasible return range; :meth:`quantiles` clamps to it.
+        value_range: optional ``(low, high)`` feasible return range; :meth:`quantiles` and :meth:`targets` clamp
+            to it.
+        loss_options: keyword options of :meth:`loss` used by :meth:`training_loss` (``kappa``, ``risk_weight``,
+            ...).
+
+    In the :class:`dfpo.critics.base.Critic` protocol it outputs ``samples`` (the sorted quantiles) and trains on
+    distributional GAE targets.
     """
+
+    output_keys = ("samples",)
 
     def __init__(
         self,
@@ -34,10 +44,11 @@ class QuantileCritic(nn.Module):
         width: int = 256,
         return_scale: float = 1.0,
         value_range: tuple[float, float] | None = None,
+        loss_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.num_quantiles, self.num_heads, self.return_scale = num_quantiles, num_heads, return_scale
-        self.value_range = value_range
+        self.value_range, self.loss_options = value_range, dict(loss_options or {})
         self.trunk = nn.Sequential(
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, width),
@@ -116,3 +127,31 @@ class QuantileCritic(nn.Module):
                 }
             )
         return loss, metrics
+
+    # -- the Critic protocol -----------------------------------------------------------------------------------
+
+    def outputs(self, hidden: Tensor) -> dict[str, Tensor]:
+        return {"samples": self.quantiles(hidden)}
+
+    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
+        targets = distributional_gae(rewards, outputs["samples"], mask, gamma, lam)[1]
+        return targets if self.value_range is None else targets.clamp(*self.value_range) * mask.unsqueeze(-1)
+
+    def training_loss(
+        self, hidden: Tensor, targets: Tensor, mask: Tensor, old: dict[str, Tensor], context: CriticContext
+    ) -> tuple[Tensor, dict[str, float]]:
+        return self.loss(hidden, targets, mask, **self.loss_options)
+
+    def member_weights(self, rows: Tensor, seed: int, step: int) -> None:
+        return None
+
+
+@register("quantile")
+def quantile_critic(
+    hidden_size: int, quantiles: int = 200, heads: int = 3, width: int = 64, return_scale: float = 1.0,
+    value_range: tuple[float, float] | None = None, kappa: float = 0.02, risk_weight: float = 0.1,
+    risk_targets: str = "pooled",
+) -> QuantileCritic:  # fmt: skip
+    """DVPO's critic: ``heads`` x ``quantiles`` quantiles, quantile Huber with ``kappa``, risk terms."""
+    options = {"kappa": kappa, "risk_weight": risk_weight, "risk_targets": risk_targets}
+    return QuantileCritic(hidden_size, quantiles, heads, width, return_scale, value_range, options)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean, masked_sum
 from dfpo.core.value_losses import clipped_mse, clipped_squared_error
+from dfpo.critics.base import CriticContext, register
 
 
 class ScalarValueHead(nn.Module):
@@ -138,3 +139,57 @@ def pessimistic_targets(
     if quantile <= 0.0:
         return targets.min(-1).values
     return torch.quantile(targets, quantile, dim=-1)
+
+
+class ScalarCritic(ScalarValueHead):
+    """PPO's critic (one head) and robust-Bellman PPO's (an ensemble), in the :class:`dfpo.critics.base.Critic`
+    protocol: outputs ``values`` (the mean over members) and ``ensemble [..., E]``; targets are the pessimistic
+    ``quantile`` of the members' GAE targets (for one member, plain GAE returns); members train on bootstrap
+    resamples with probability ``bootstrap`` (0 or 1: every member on every sequence); the loss is the clipped MSE
+    with ``value_clip`` (0: unclipped)."""
+
+    output_keys = ("values", "ensemble")
+
+    def __init__(
+        self, hidden_size: int, num_heads: int = 1, width: int = 64, value_clip: float = 0.2,
+        pessimism: float = 0.0, bootstrap: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__(hidden_size, num_heads, width)
+        self.value_clip, self.pessimism, self.bootstrap = value_clip, pessimism, bootstrap
+
+    def outputs(self, hidden: Tensor) -> dict[str, Tensor]:
+        ensemble = self(hidden)
+        return {"values": ensemble.mean(-1), "ensemble": ensemble}
+
+    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
+        return pessimistic_targets(rewards, outputs["ensemble"], mask, gamma, lam, self.pessimism)
+
+    def training_loss(
+        self, hidden: Tensor, targets: Tensor, mask: Tensor, old: dict[str, Tensor], context: CriticContext
+    ) -> tuple[Tensor, dict[str, float]]:
+        weights = None if context.rows is None else self.member_weights(context.rows, context.seed, context.step)
+        return self.loss(
+            hidden, targets, mask, old_values=old["ensemble"], clip=self.value_clip or None,
+            member_weights=None if weights is None else weights.to(hidden.device),
+            member_tokens=context.member_tokens,
+        )  # fmt: skip
+
+    def member_weights(self, rows: Tensor, seed: int, step: int) -> Tensor | None:
+        if self.num_heads < 2 or self.bootstrap in (0.0, 1.0):
+            return None
+        return bootstrap_weights(rows.cpu(), self.num_heads, seed, step, self.bootstrap)
+
+
+@register("scalar")
+def scalar_critic(hidden_size: int, width: int = 64, value_clip: float = 0.2) -> ScalarCritic:
+    """PPO's value head."""
+    return ScalarCritic(hidden_size, 1, width, value_clip)
+
+
+@register("ensemble")
+def ensemble_critic(
+    hidden_size: int, heads: int = 4, width: int = 64, value_clip: float = 0.2, pessimism: float = 0.0,
+    bootstrap: float = 0.5,
+) -> ScalarCritic:  # fmt: skip
+    """Robust-Bellman PPO's ensemble of ``heads`` value heads on one trunk."""
+    return ScalarCritic(hidden_size, heads, width, value_clip, pessimism, bootstrap)

@@ -24,9 +24,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean
 from dfpo.core.risk import cvar, risk_loss
 from dfpo.core.value_losses import flow_matching, quantile_huber, quantile_levels
+from dfpo.critics.base import CriticContext, register
 
 COUPLINGS = ("sorted", "independent")
 UNCERTAINTY_WEIGHTS = ("valueflows", "inverse", "none")
@@ -102,8 +104,16 @@ class ValueFlowCritic(nn.Module):
         return_scale: typical return magnitude (1 for {0, 1} rewards).
         noise_std: ``sigma0`` of the base noise, in units of ``return_scale``; the flow starts as the identity, so
             this is the initial spread of the samples (0.25: the initial samples are not wider than a 0/1 return).
-        value_range: optional ``(low, high)`` feasible return range; :meth:`sample` clamps to it.
+        value_range: optional ``(low, high)`` feasible return range; :meth:`sample` and :meth:`targets` clamp
+            to it.
+        num_samples, sample_steps: ``K`` samples per token and Euler steps of :meth:`outputs`.
+        loss_options: keyword options of :meth:`loss` used by :meth:`training_loss`.
+
+    In the :class:`dfpo.critics.base.Critic` protocol it outputs ``samples`` (``K`` sorted one-step samples) and
+    trains on distributional GAE targets.
     """
+
+    output_keys = ("samples",)
 
     def __init__(
         self,
@@ -114,9 +124,14 @@ class ValueFlowCritic(nn.Module):
         return_scale: float = 1.0,
         noise_std: float = 0.25,
         value_range: tuple[float, float] | None = None,
+        num_samples: int = 16,
+        sample_steps: int = 1,
+        loss_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.width, self.num_blocks = width, num_blocks
+        self.num_samples, self.sample_steps = num_samples, sample_steps
+        self.loss_options = {"sample_steps": sample_steps, **(loss_options or {})}
         self.return_scale, self.noise_std, self.value_range = return_scale, noise_std, value_range
         self.register_buffer(
             "frequencies", (math.pi / 4) * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32), persistent=False
@@ -414,3 +429,35 @@ class ValueFlowCritic(nn.Module):
         v0 = v0.detach()
         v_tau = self.velocity(eps + tau * v0, tau, cond)
         return ((v_tau - v0) ** 2).mean(-1)
+
+    # -- the Critic protocol -----------------------------------------------------------------------------------
+
+    def outputs(self, hidden: Tensor) -> dict[str, Tensor]:
+        return {"samples": self.sample(hidden, self.num_samples, steps=self.sample_steps)}
+
+    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
+        targets = distributional_gae(rewards, outputs["samples"], mask, gamma, lam)[1]
+        return targets if self.value_range is None else targets.clamp(*self.value_range) * mask.unsqueeze(-1)
+
+    def training_loss(
+        self, hidden: Tensor, targets: Tensor, mask: Tensor, old: dict[str, Tensor], context: CriticContext
+    ) -> tuple[Tensor, dict[str, float]]:
+        return self.loss(hidden, targets, mask, uniform=context.uniform, **self.loss_options)
+
+    def member_weights(self, rows: Tensor, seed: int, step: int) -> None:
+        return None
+
+
+@register("flow")
+def flow_critic(
+    hidden_size: int, width: int = 64, return_scale: float = 1.0, value_range: tuple[float, float] | None = None,
+    samples: int = 16, sample_steps: int = 1, risk_weight: float = 0.1, risk_targets: str = "pooled",
+    flow: dict | None = None,
+) -> ValueFlowCritic:  # fmt: skip
+    """DFPO's value flow: ``samples`` one-step samples per token; ``flow``: more options of
+    :meth:`ValueFlowCritic.loss` (checked by the caller)."""
+    options = {"risk_weight": risk_weight, "risk_targets": risk_targets, **(flow or {})}
+    return ValueFlowCritic(
+        hidden_size, width, return_scale=return_scale, value_range=value_range, num_samples=samples,
+        sample_steps=sample_steps, loss_options=options,
+    )  # fmt: skip

@@ -114,6 +114,11 @@ class CriticOptions:
     quantiles: int = option(200, "M quantiles per head of a quantile critic")
     return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
     risk_weight: float = option(0.1, "weight of the risk terms (CVaR, upper-tail gain, tail shape)")
+    clamp: bool = option(
+        True,
+        "clamp a distributional critic's samples and targets to the task's reward range (task.reward_range) when the "
+        "return is that reward alone (kl.mode loss or none); user tasks declare none",
+    )
     risk_targets: str = option(
         "pooled",
         "what the risk terms calibrate against: pooled (the return distribution pooled over trajectories, of which "

@@ -47,13 +47,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as transformers_logging
 
-from dfpo import distributed
+from dfpo import critics, distributed
 from dfpo.config import ConfigError
 from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
 from dfpo.core.kl import kl_estimate, kl_metrics
 from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
-from dfpo.critics import QuantileCritic, ScalarValueHead, ValueFlowCritic, bootstrap_weights, pessimistic_targets
+from dfpo.critics import CriticContext
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.rollout import (
@@ -288,7 +288,6 @@ class Trainer:
 
         self.modules: dict[str, nn.Module] = {}
         self.critic = self._build_critic()
-        self._flow_options = flow_loss_options(c.critic.flow) if c.critic.kind == "flow" else {}
         if self.critic is not None:
             self.modules["critic"] = self.critic
         self.trunk = None
@@ -410,16 +409,17 @@ class Trainer:
         return model
 
     def _build_critic(self) -> nn.Module | None:
-        k, h = self.config.critic, self.hidden_size
-        if k.kind == "scalar":
-            return ScalarValueHead(h, width=k.width)
-        if k.kind == "ensemble":
-            return ScalarValueHead(h, num_heads=k.heads, width=k.width)
-        if k.kind == "quantile":
-            return QuantileCritic(h, k.quantiles, k.heads, k.width, k.return_scale)
-        if k.kind == "flow":
-            return ValueFlowCritic(h, k.width, return_scale=k.return_scale)
-        return None
+        """The critic of kind ``critic.kind`` (:mod:`dfpo.critics`), built from the ``critic.*`` options its kind
+        declares; its samples and targets are clamped to the task's reward range when the return is that reward
+        alone (no KL penalty in it)."""
+        c = self.config
+        if c.critic.kind == "none":
+            return None
+        options = {k: v for k, v in dataclasses.asdict(c.critic).items() if k != "kind"}
+        options["flow"] = flow_loss_options(c.critic.flow)
+        bounded = c.critic.clamp and c.kl.mode != "reward"
+        options["value_range"] = getattr(self.task, "reward_range", None) if bounded else None
+        return critics.build(c.critic.kind, self.hidden_size, **options)
 
     def _build_optimizers(self) -> None:
         c = self.config
@@ -595,7 +595,7 @@ class Trainer:
         lengths = rollout.response_mask.sum(-1).float()
         local = {"rewards": rewards, "mask": mask, "scores": scores, "true": true, "kept": kept.float(),
                  "group": group + first, "lengths": lengths, "truncated": rollout.truncated.float()}  # fmt: skip
-        local.update({k: batch[k] for k in ("old_logp", "ref_logp", "values", "samples", "ensemble") if k in batch})
+        local.update({k: batch[k] for k in ("old_logp", "ref_logp", *self._output_keys) if k in batch})
         g = {k: distributed.gather_rows(v, world) for k, v in local.items()}
         g_mask = g["mask"]
         metrics: dict[str, float] = {}
@@ -612,14 +612,10 @@ class Trainer:
         if adv.dim() == 3:  # distributional: per-sample advantages; the actor uses their mean
             adv = adv.mean(-1)
         # the critic's targets with their own lambda (decoupled GAE): 1 gives Monte-Carlo returns
-        critic_lam = c.advantage.critic_lam
-        if c.critic.kind == "ensemble":
-            targets = pessimistic_targets(g["rewards"], g["ensemble"], g_mask, c.advantage.gamma, critic_lam,
-                                          c.critic.pessimism)  # fmt: skip
-        elif self.critic is not None and (c.advantage.adaptive_lam or critic_lam != c.advantage.lam):
-            targets = advantage_estimators.compute(c.advantage.estimator, **inputs, lam=critic_lam)[1]
-        else:
-            targets = returns
+        targets = returns
+        if self.critic is not None:
+            outputs = {k: g[k] for k in self.critic.output_keys}
+            targets = self.critic.targets(g["rewards"], outputs, g_mask, c.advantage.gamma, c.advantage.critic_lam)
         if c.actor.whiten:
             adv = masked_whiten(adv, g_mask)
         if self.critic is not None:
@@ -740,6 +736,10 @@ class Trainer:
         return [{**e, "pseudo_answer": self.pseudo_labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
 
     @property
+    def _output_keys(self) -> tuple[str, ...]:
+        return () if self.critic is None else self.critic.output_keys
+
+    @property
     def _critic_on_policy(self) -> bool:
         return self.critic is not None and self.config.critic.backbone != "separate"
 
@@ -797,15 +797,7 @@ class Trainer:
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def _critic_outputs(self, hidden: Tensor) -> dict[str, Tensor]:
-        k = self.config.critic
-        if k.kind == "scalar":
-            return {"values": self.critic.value(hidden)}
-        if k.kind == "ensemble":
-            ensemble = self.critic(hidden)
-            return {"values": ensemble.mean(-1), "ensemble": ensemble}
-        if k.kind == "quantile":
-            return {"samples": self.critic.quantiles(hidden)}
-        return {"samples": self.critic.sample(hidden, k.samples, steps=k.sample_steps)}
+        return self.critic.outputs(hidden)
 
     # -- the update ------------------------------------------------------------------------------------------
 
@@ -866,12 +858,9 @@ class Trainer:
         )  # fmt: skip
 
     def _bootstrap(self, rows: Tensor) -> Tensor | None:
-        """``[len(rows), E]`` bootstrap masks of an ensemble critic's members on the step's global ``rows``; None
-        without an ensemble critic or with ``critic.bootstrap`` 0 or 1 (every member on every sequence)."""
-        k = self.config.critic
-        if k.kind != "ensemble" or k.bootstrap in (0.0, 1.0):
-            return None
-        return bootstrap_weights(rows.cpu(), k.heads, self.config.seed, self.step, k.bootstrap)
+        """``[len(rows), E]`` per-member weights of a bootstrapped ensemble critic on the step's global ``rows``;
+        None for every other critic (every member on every sequence)."""
+        return None if self.critic is None else self.critic.member_weights(rows, self.config.seed, self.step)
 
     def _minibatch(
         self, batch: dict[str, Tensor], rows: Tensor, totals: MinibatchTotals, micro: int, width: int,
@@ -1027,23 +1016,13 @@ class Trainer:
         self, hidden: Tensor, batch: dict[str, Tensor], part: Tensor, mask: Tensor, member_tokens: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:
         """The critic's loss on this rank's rows ``part``; ``member_tokens [E]``: what a bootstrapped ensemble's
-        members divide their token sums by (:meth:`ScalarValueHead.loss`; default: their tokens in ``part``)."""
-        k = self.config.critic
-        targets = batch["targets"][part]
-        if k.kind in ("scalar", "ensemble"):
-            old = batch["ensemble"][part] if k.kind == "ensemble" else batch["values"][part]
-            weights = self._bootstrap(part + self.world.rank * self._local_rows)
-            return self.critic.loss(
-                hidden, targets, mask, old_values=old, clip=k.value_clip or None,
-                member_weights=None if weights is None else weights.to(hidden.device), member_tokens=member_tokens,
-            )  # fmt: skip
-        if k.kind == "quantile":
-            return self.critic.loss(hidden, targets, mask, kappa=k.kappa, risk_weight=k.risk_weight,
-                                    risk_targets=k.risk_targets)  # fmt: skip
-        return self.critic.loss(
-            hidden, targets, mask, risk_weight=k.risk_weight, risk_targets=k.risk_targets, sample_steps=k.sample_steps,
-            uniform=self._keyed_uniform(part), **self._flow_options,
+        members divide their token sums by (default: their tokens in ``part``)."""
+        context = CriticContext(
+            rows=part + self.world.rank * self._local_rows, seed=self.config.seed, step=self.step,
+            uniform=self._keyed_uniform(part), member_tokens=member_tokens,
         )  # fmt: skip
+        old = {k: batch[k][part] for k in self.critic.output_keys}
+        return self.critic.training_loss(hidden, batch["targets"][part], mask, old, context)
 
     def _keyed_uniform(self, part: Tensor) -> Any:
         """U(0, 1) draws for the flow critic's loss on this rank's rows ``part``: each draw is made for the whole
