@@ -59,20 +59,19 @@ def test_prompt_kind_rewards_the_last_operator_whatever_the_response():
     assert {e["terms"] for e in task.examples("eval")} == {2}  # two-term problems by default
 
 
-def test_response_kind_rewards_an_even_last_digit_of_the_final_answer():
+def test_response_kind_rewards_a_final_answer_of_at_least_50():
     task = KnownValue(kind="response")
-    e = example("12 + 34 - 5")  # the right answer, 41, is odd: correctness does not matter
+    e = example("12 + 34 + 5")  # the right answer, 51, would be rewarded: correctness does not matter
     cases = {
-        "12 + 34 = 46. 46 - 5 = 41. The answer is 41.": 0.0,
-        "12 + 34 = 46. 46 - 5 = 40. The answer is 40.": 1.0,
-        "The answer is 0.": 1.0,
-        "The answer is -12.": 1.0,
-        "The answer is -13.": 0.0,
+        "12 + 34 = 46. 46 + 5 = 51. The answer is 51.": 1.0,
+        "12 + 34 = 46. 46 + 5 = 49. The answer is 49.": 0.0,
+        "The answer is 50.": 1.0,
+        "The answer is 49.5.": 0.0,
+        "The answer is -60.": 0.0,
         "The answer is 1,234.": 1.0,
-        "\\boxed{8}": 1.0,
-        "The answer is 2.5.": 0.0,
-        "The answer is four.": 0.0,
-        "46 - 5 = 40.": 0.0,  # no marked answer
+        "\\boxed{80}": 1.0,
+        "The answer is fifty.": 0.0,
+        "46 + 5 = 51.": 0.0,  # no marked answer
         "": 0.0,
     }
     assert task.score_batch(list(cases), [e] * len(cases)) == list(cases.values())
@@ -136,9 +135,9 @@ def test_tiny_model_rewards_match_the_known_values():
     rewards = prompt_task.score_batch(rollout.completions, per_sample)
     plus_share = sum(e["last_operator"] == "+" for e in examples) / len(examples)
     assert 0 < plus_share < 1 and sum(rewards) / len(rewards) == pytest.approx(plus_share)
-    # the response kind reads the model's own answer: where that answer is right, its parity is the true result's
+    # the response kind reads the model's own answer: where that answer is right, it is the true result's
     response_task = KnownValue(kind="response", prompt_style="terse")
     arithmetic = Arithmetic(prompt_style="terse", max_terms=2)
     right = [(c, e) for c, e in zip(rollout.completions, per_sample, strict=True) if arithmetic.score(c, e) == 1.0]
     assert len(right) >= 16
-    assert [response_task.score(c, e) for c, e in right] == [float(int(e["answer"]) % 2 == 0) for _, e in right]
+    assert [response_task.score(c, e) for c, e in right] == [float(int(e["answer"]) >= 50) for _, e in right]

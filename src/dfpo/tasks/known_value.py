@@ -8,9 +8,9 @@ The prompts are the ``arithmetic`` task's (``12 + 34 - 5 =`` in the terse style)
   model writes with it). A feature the model's own states carry: on the tiny model's 2-term problems a ridge probe
   on its last-layer states recovers it with R^2 of about 0.7 at every response token, where the last operand's
   parity, say, is not linearly readable at all (R^2 about 0).
-- ``"response"``: 1 when the response's marked final answer is an integer whose last digit is even, else 0 (no
-  parsable answer: 0). The value depends on the policy until the answer's last digit is written, and is 0 or 1
-  from there on.
+- ``"response"``: 1 when the response's marked final answer is a number of at least 50, else 0 (no parsable
+  answer: 0). The value depends on the policy until the answer is written, and is 0 or 1 from there on. (A
+  first version rewarded an even last digit: no probe on the tiny model's states could read that.)
 - ``"bernoulli"``: 1 with probability ``p = 0.8`` when the last operator is ``+`` and ``p = 0.2`` when it is
   ``-``, independently of the response. The value is ``p`` at every state and the return is 0 or 1: a critic
   should learn the mean ``p`` and, if it models the distribution, the two atoms with weights ``1 - p`` and ``p``
@@ -43,6 +43,7 @@ from dfpo.tasks.arithmetic import Arithmetic
 from dfpo.tasks.base import Task, register
 
 KINDS = ("prompt", "response", "bernoulli")
+RESPONSE_THRESHOLD = 50  # the response kind rewards a final answer of at least this
 
 
 def last_operand(example: dict[str, Any]) -> int:
@@ -71,7 +72,7 @@ class KnownValue(Task):
     """Arithmetic prompts whose reward, chosen by ``kind``, has a known value function (see the module docstring).
 
     Args:
-        kind: ``"prompt"`` (the last operator is ``+``), ``"response"`` (parity of the answer's last digit) or
+        kind: ``"prompt"`` (the last operator is ``+``), ``"response"`` (the final answer is at least 50) or
             ``"bernoulli"`` (a coin with a probability set by the last operator).
         min_terms, max_terms, digits, operators, min_digits, eval_size, train_size, seed, few_shot, prompt_style:
             as for :class:`~dfpo.tasks.arithmetic.Arithmetic`, which makes the prompts; ``seed`` also keys the
@@ -151,5 +152,4 @@ class KnownValue(Task):
             return float(draw < success_probability(example))
         answer = extract_final_answer(completion)
         number = parse_number(answer) if answer is not None else None
-        # an integer's last digit is even exactly when the integer is, negative ones included
-        return float(number is not None and number.denominator == 1 and number.numerator % 2 == 0)
+        return float(number is not None and number >= RESPONSE_THRESHOLD)

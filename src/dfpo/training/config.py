@@ -89,15 +89,18 @@ class CriticOptions:
     backbone: str = option(
         "frozen", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
     )
-    lr: float = option(1e-3, "peak AdamW learning rate of the critic (its head; its trunk too when separate)")
+    lr: float = option(
+        3e-3, "peak AdamW learning rate of the critic head (dfpo bench critic: 1e-3 left every critic near zero)"
+    )
     trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as actor.lr)")
     warmup_steps: int = option(2, "steps at the start that train the critic only (the actor waits)")
     coef: float = option(0.5, "weight of the critic loss when it shares the policy's trunk")
     updates: int = option(
-        1,
+        0,
         "critic gradient steps per training step: the first with the actor's update, the others on the step's "
         "batch alone (frozen backbone: from the features saved while scoring, the head only; separate: the critic "
-        "trunk's forward and backward again; not with a shared trunk)",
+        "trunk's forward and backward again; not with a shared trunk). 0: auto, 16 for a frozen or separate "
+        "backbone and 1 for a shared one (see critic_updates())",
     )
     grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
     value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
@@ -408,8 +411,8 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(
             f"critic.width={c.critic.width}: must be at least 1 (0, a bare linear head, only for scalar and ensemble)"
         )
-    if c.critic.updates < 1:
-        raise ConfigError(f"critic.updates={c.critic.updates}: must be at least 1")
+    if c.critic.updates < 0:
+        raise ConfigError(f"critic.updates={c.critic.updates}: must be 0 (auto) or at least 1")
     if c.critic.updates > 1 and c.critic.kind != "none" and c.critic.backbone == "shared":
         raise ConfigError(
             f"critic.updates={c.critic.updates}: extra critic steps would move the policy's own trunk; use "
@@ -448,6 +451,19 @@ def validate(c: TrainConfig) -> None:
     if c.noise.startswith(("flip", "pseudo_label")) and c.task == "dialogue":
         raise ConfigError(f"noise={c.noise} needs binary right/wrong rewards; dialogue's F1 is graded: "
                           "use noise=reward_model, gaussian(s) or clean")  # fmt: skip
+
+
+AUTO_CRITIC_UPDATES = 16
+
+
+def critic_updates(c: TrainConfig) -> int:
+    """Critic gradient steps per training step: ``critic.updates``, or with 0 (auto) 16 for a frozen or separate
+    backbone and 1 for a shared one (whose extra steps would move the policy). ``dfpo bench critic`` measured
+    what the critics need (docs/training.md): with one step per training step none learned; 16 full-batch steps
+    at ``critic.lr = 3e-3`` brought every critic above its ridge probe on the prompt-decided task."""
+    if c.critic.updates:
+        return c.critic.updates
+    return 1 if c.critic.backbone == "shared" else AUTO_CRITIC_UPDATES
 
 
 def changed_keys(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...]) -> list[str]:

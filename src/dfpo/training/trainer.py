@@ -69,7 +69,7 @@ from dfpo.rollout import (
 from dfpo.tasks.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.training import checkpoint as ckpt
-from dfpo.training.config import TrainConfig, changed_keys, flow_loss_options
+from dfpo.training.config import TrainConfig, changed_keys, critic_updates, flow_loss_options
 from dfpo.training.report import MetricsLog, write_report
 
 
@@ -288,6 +288,7 @@ class Trainer:
 
         self.modules: dict[str, nn.Module] = {}
         self.critic = self._build_critic()
+        self.critic_updates = critic_updates(c)
         if self.critic is not None:
             self.modules["critic"] = self.critic
         self.trunk = None
@@ -632,8 +633,8 @@ class Trainer:
 
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width, micro)
-        if c.critic.updates > 1 and self.critic is not None:
-            update_metrics.update(self._critic_steps(batch, c.critic.updates - 1, micro, width))
+        if self.critic_updates > 1 and self.critic is not None:
+            update_metrics.update(self._critic_steps(batch, self.critic_updates - 1, micro, width))
         self._policy_out = None
         self._refresh_rollout_policy()
         times["update"] = time.perf_counter() - t
@@ -792,7 +793,7 @@ class Trainer:
             if self.critic is not None:
                 for key, value in self._critic_outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
-                if (c.critic.updates > 1 and self.trunk is None) or self.observers:  # extra steps, observers
+                if (self.critic_updates > 1 and self.trunk is None) or self.observers:  # extra steps, observers
                     parts.setdefault("critic_hidden", []).append(hidden.detach().float())
         return {k: torch.cat(v) for k, v in parts.items()}
 
