@@ -31,7 +31,7 @@ def test_scalar_head_shapes_and_clipped_loss(gen):
 
 
 def test_scalar_head_fits_returns(gen):
-    head = ScalarValueHead(4)
+    head = ScalarValueHead(4, width=0)  # a linear head on linear returns
     hidden = torch.randn(64, 4, generator=gen)
     returns = hidden @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.3
     opt = torch.optim.Adam(head.parameters(), lr=0.05)

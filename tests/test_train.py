@@ -17,7 +17,7 @@ from dfpo.core import advantages
 from dfpo.critics.value_flow import ValueFlowCritic
 from dfpo.training.algos import ALGOS
 from dfpo.training.config import build_config, flow_loss_options
-from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged, micro_rows
+from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged, micro_rows, train
 
 # Small enough for the test suite: 2 prompts x 2 samples, short replies, a few eval examples.
 SMALL = [
@@ -480,3 +480,20 @@ def test_critic_targets_are_monte_carlo_returns(algo, tmp_path):
         assert torch.allclose(goal, mc, atol=1e-5) == monte_carlo
         assert {"critic/explained_var_mc", "critic/value_bias"} <= set(metrics)
         trainer.log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "robust_ppo", "dvpo", "dfpo"])
+def test_each_critic_learns_a_prompt_decided_value_at_the_defaults(algo, tmp_path):
+    """On a reward decided by the prompt (the known_value task: V(s_t) is a 0/1 bit the tiny model's states
+    carry), each critic at its defaults explains a large share of the Monte-Carlo returns' variance within a
+    CPU-sized budget, where it starts near zero."""
+    run = tmp_path / algo
+    args = [f"algo={algo}", "model=tiny", "task=known_value", "noise=clean", "steps=24", "rollout.prompts=8",
+            "rollout.max_new_tokens=40", "eval.splits=", "log.progress=false", f"run_dir={run}"]  # fmt: skip
+    train(build_config(args))
+    ev = [m["critic/explained_var_mc"] for m in _metrics(run)]
+    # 32 sequences a step make single steps noisy: judge the mean of the last six (measured 0.35 for DVPO, the
+    # slowest, and 0.50 for DFPO; at 40 steps of 64 sequences every critic reaches 0.76-0.88, training.md)
+    assert ev[0] < 0.2, ev
+    assert sum(ev[-6:]) / 6 > 0.25, ev

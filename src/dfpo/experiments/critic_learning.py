@@ -224,9 +224,12 @@ def _f(x: Any, digits: int = 2) -> str:
 
 def write_summary(out: Path, config: CriticBenchConfig, command: str, cells: dict[str, Any]) -> str:
     """``summary.md``: the explained-variance table against the probe, and the distribution table."""
+    from dfpo.noisy import _code_version
+
     lines = [
         "# Critic learning", "", f"Command: `{command}`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"Code: dfpo {_code_version()}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}; "
         f"{config.steps} steps of {config.prompts} x {config.samples}, seed {config.seed}, clean rewards; figures "
         f"over the last {config.window} steps.", "",
         "Explained variance of the critic's values against the Monte-Carlo returns (lambda = 1) of the rewards the "
