@@ -21,21 +21,12 @@ import torch
 
 from dfpo.config import parse_scalar
 from dfpo.evaluate import render_prompt
+from dfpo.experiments.critic_learning import ridge_r2
 from dfpo.models import load_model
 from dfpo.rollout import response_forward, sample
 from dfpo.tasks import get
 from dfpo.tasks.presets import task_options_for
 from dfpo.training.trainer import _prompt_share
-
-
-def ridge_r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, test: torch.Tensor, lam: float) -> float:
-    """Held-out R^2 of a ridge regression of ``y`` on standardised ``x`` (with an intercept)."""
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-    z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1).double()
-    a = z[train].T @ z[train] + lam * torch.eye(z.shape[1], dtype=z.dtype)
-    w = torch.linalg.solve(a, z[train].T @ y[train].double())
-    residual = ((z[test] @ w - y[test].double()) ** 2).mean()
-    return float(1.0 - residual / y[test].double().var())
 
 
 def main() -> None:
@@ -92,7 +83,7 @@ def main() -> None:
         ("last response token", torch.stack(last), y, test),
         ("every response token", torch.cat(every), y_every, test_every),
     ):
-        best = max(ridge_r2(x, target, ~mask, mask, lam) for lam in (1.0, 10.0, 100.0))
+        best = max(ridge_r2(x[~mask], target[~mask], x[mask], target[mask], lam) for lam in (1.0, 10.0, 100.0))
         print(f"  {name:22s} {best:.3f}")
 
 

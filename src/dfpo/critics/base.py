@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from dfpo.core.advantages import distributional_gae
 from dfpo.core.registry import Registry
 
 CRITICS = Registry("critic")
@@ -69,6 +70,21 @@ class Critic(Protocol):
     def member_weights(self, rows: Tensor, seed: int, step: int) -> Tensor | None:
         """``[len(rows), E]`` per-member weights of the step's global ``rows`` (a bootstrapped ensemble), or None."""
         ...
+
+
+class DistributionalTargets:
+    """What the distributional kinds share: their ``samples`` output, distributional GAE targets clamped to the
+    critic's ``value_range`` (when it has one), and no ensemble members."""
+
+    output_keys = ("samples",)
+    value_range: tuple[float, float] | None = None
+
+    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
+        targets = distributional_gae(rewards, outputs["samples"], mask, gamma, lam)[1]
+        return targets if self.value_range is None else targets.clamp(*self.value_range) * mask.unsqueeze(-1)
+
+    def member_weights(self, rows: Tensor, seed: int, step: int) -> None:
+        return None
 
 
 def build(kind: str, hidden_size: int, /, **options: Any) -> nn.Module:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean
 from dfpo.core.risk import cvar, head_consistency, risk_loss
 from dfpo.core.value_losses import quantile_huber
-from dfpo.critics.base import CriticContext, register
+from dfpo.critics.base import CriticContext, DistributionalTargets, register
 
 
-class QuantileCritic(nn.Module):
+class QuantileCritic(DistributionalTargets, nn.Module):
     """Quantile critic (DVPO, arXiv 2512.03847).
 
     ``h -> LayerNorm -> Linear(H, width) -> SiLU -> Linear(width, width) -> SiLU -> N heads of M quantiles``.
@@ -33,8 +32,6 @@ class QuantileCritic(nn.Module):
     In the :class:`dfpo.critics.base.Critic` protocol it outputs ``samples`` (the sorted quantiles) and trains on
     distributional GAE targets.
     """
-
-    output_keys = ("samples",)
 
     def __init__(
         self,
@@ -133,17 +130,10 @@ class QuantileCritic(nn.Module):
     def outputs(self, hidden: Tensor) -> dict[str, Tensor]:
         return {"samples": self.quantiles(hidden)}
 
-    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
-        targets = distributional_gae(rewards, outputs["samples"], mask, gamma, lam)[1]
-        return targets if self.value_range is None else targets.clamp(*self.value_range) * mask.unsqueeze(-1)
-
     def training_loss(
         self, hidden: Tensor, targets: Tensor, mask: Tensor, old: dict[str, Tensor], context: CriticContext
     ) -> tuple[Tensor, dict[str, float]]:
         return self.loss(hidden, targets, mask, **self.loss_options)
-
-    def member_weights(self, rows: Tensor, seed: int, step: int) -> None:
-        return None
 
 
 @register("quantile")

@@ -24,11 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean
 from dfpo.core.risk import cvar, risk_loss
 from dfpo.core.value_losses import flow_matching, quantile_huber, quantile_levels
-from dfpo.critics.base import CriticContext, register
+from dfpo.critics.base import CriticContext, DistributionalTargets, register
 
 COUPLINGS = ("sorted", "independent")
 UNCERTAINTY_WEIGHTS = ("valueflows", "inverse", "none")
@@ -85,7 +84,7 @@ def stratified_noise(
     return std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
 
 
-class ValueFlowCritic(nn.Module):
+class ValueFlowCritic(DistributionalTargets, nn.Module):
     """Velocity field of a value flow, conditioned on the critic backbone's hidden state at each token.
 
     Architecture (per token, then per sample): ``h -> LayerNorm -> Linear -> SiLU -> Linear`` gives an input
@@ -112,8 +111,6 @@ class ValueFlowCritic(nn.Module):
     In the :class:`dfpo.critics.base.Critic` protocol it outputs ``samples`` (``K`` sorted one-step samples) and
     trains on distributional GAE targets.
     """
-
-    output_keys = ("samples",)
 
     def __init__(
         self,
@@ -435,17 +432,10 @@ class ValueFlowCritic(nn.Module):
     def outputs(self, hidden: Tensor) -> dict[str, Tensor]:
         return {"samples": self.sample(hidden, self.num_samples, steps=self.sample_steps)}
 
-    def targets(self, rewards: Tensor, outputs: dict[str, Tensor], mask: Tensor, gamma: float, lam: float) -> Tensor:
-        targets = distributional_gae(rewards, outputs["samples"], mask, gamma, lam)[1]
-        return targets if self.value_range is None else targets.clamp(*self.value_range) * mask.unsqueeze(-1)
-
     def training_loss(
         self, hidden: Tensor, targets: Tensor, mask: Tensor, old: dict[str, Tensor], context: CriticContext
     ) -> tuple[Tensor, dict[str, float]]:
         return self.loss(hidden, targets, mask, uniform=context.uniform, **self.loss_options)
-
-    def member_weights(self, rows: Tensor, seed: int, step: int) -> None:
-        return None
 
 
 @register("flow")
