@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from dfpo.core.advantages import distributional_gae
 from dfpo.core.masked import explained_variance, masked_mean, masked_sum
+from dfpo.core.streams import stream_seed
 from dfpo.core.value_losses import clipped_mse, clipped_squared_error
 from dfpo.critics.base import CriticContext, register
 
@@ -105,11 +106,10 @@ def bootstrap_weights(rows: Tensor, num_members: int, seed: int, step: int, p: f
     Args:
         rows: ``[B]`` integer indices of the sequences in the step's whole batch.
     """
-    draws = []
-    for row in rows.tolist():
-        # the trainer's stream key (seed, step, 3, row): its streams 0-2 sample, order minibatches, draw flow noise
-        key = (((seed * 1_000_003 + step) * 1_000_033 + 4) * 1_000_033 + row + 1) % 2**63
-        draws.append(torch.rand(num_members, generator=torch.Generator().manual_seed(key)))
+    draws = [
+        torch.rand(num_members, generator=torch.Generator().manual_seed(stream_seed(seed, step, 3, row)))
+        for row in rows.tolist()
+    ]
     uniform = torch.stack(draws) if draws else torch.zeros(0, num_members)
     return (uniform < p).float().to(rows.device)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dfpo.core.advantages import distributional_gae
 from dfpo.core.risk import cvar
 
 
@@ -81,12 +80,12 @@ class FitResult:
         ]  # fmt: skip
 
 
-def critic_samples(critic: torch.nn.Module, hidden: Tensor, num_samples: int) -> Tensor:
-    """The critic's return samples (sorted quantiles), ``[..., H] -> [..., K]``: a flow critic's one-step samples,
-    a quantile critic's quantiles."""
-    if hasattr(critic, "quantiles"):
-        return critic.quantiles(hidden)
-    return critic.sample(hidden, num_samples)
+def learned_distribution(critic: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """The critic's return distribution read finely, ``[..., H] -> [..., K]``: a flow critic's 256 one-step samples,
+    a quantile critic's quantiles (its outputs)."""
+    if hasattr(critic, "sample"):
+        return critic.sample(hidden, 256)
+    return critic.outputs(hidden)["samples"]
 
 
 def w1_distance(samples: Tensor, reference: Tensor) -> float:
@@ -106,7 +105,6 @@ def fit(
     steps: int = 600,
     trajectories: int = 32,
     length: int = 6,
-    num_samples: int = 16,
     lam: float = 1.0,
     lr: float = 3e-3,
     hidden_size: int = 16,
@@ -117,8 +115,10 @@ def fit(
 
     Each step draws ``trajectories`` trajectories of ``length`` tokens; each picks a state uniformly, its tokens'
     features are the state's context vector plus ``feature_noise`` Gaussian noise, and its return (the reward on
-    its last token) is one draw of the state's distribution. Targets: distributional GAE (``gamma = 1``, ``lam``)
-    on the critic's own samples at each token, no grad, ``[B, T, K]``. Evaluated on the noiseless contexts.
+    its last token) is one draw of the state's distribution. The critic is driven through its
+    :class:`dfpo.critics.Critic` interface, as the trainer drives it: its outputs at each token (no grad), its
+    targets from them (``gamma = 1``, ``lam``), its loss with ``loss_options``. Evaluated on the noiseless
+    contexts.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -136,15 +136,15 @@ def fit(
         rewards = torch.zeros(trajectories, length)
         rewards[:, -1] = returns
         with torch.no_grad():
-            samples = critic_samples(critic, hidden, num_samples)
-        _, targets = distributional_gae(rewards, samples, mask, 1.0, lam)
+            outputs = critic.outputs(hidden)
+        targets = critic.targets(rewards, outputs, mask, 1.0, lam)
         loss, _ = critic.loss(hidden, targets, mask, **options)
         opt.zero_grad()
         loss.backward()
         opt.step()
     result = FitResult()
     with torch.no_grad():
-        learned = critic_samples(critic, contexts, 256 if not hasattr(critic, "quantiles") else num_samples)
+        learned = learned_distribution(critic, contexts)
     for i, state in enumerate(states):
         ref, got = state.reference(), learned[i]
         result.mean[state.name], result.true_mean[state.name] = float(got.mean()), float(ref.mean())

@@ -53,6 +53,7 @@ from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
 from dfpo.core.kl import kl_estimate, kl_metrics
 from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
+from dfpo.core.streams import stream_seed
 from dfpo.critics import CriticContext
 from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
 from dfpo.models import add_lora, load_adapters, load_model
@@ -131,15 +132,6 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def _stream_seed(seed: int, step: int, *key: int) -> int:
-    """The seed of a random stream of its own for one use in one step (a generate call, a minibatch order, a
-    loss's draws), so that what a step draws does not depend on how its batch is split over processes or calls."""
-    value = seed * 1_000_003 + step
-    for k in key:
-        value = value * 1_000_033 + k + 1
-    return value % 2**63
 
 
 def micro_rows(budget: int, length: int, samples: int) -> int:
@@ -704,7 +696,7 @@ class Trainer:
         device = next(model.parameters()).device
         parts = []
         for start in range(0, len(prompts), chunk):
-            seed = _stream_seed(c.seed, self.step, 0, first + start)
+            seed = stream_seed(c.seed, self.step, 0, first + start)
             if self.engine is not None:
                 parts.append(self.engine.sample(prompts[start : start + chunk], c.rollout.samples,
                                                 c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_p,
@@ -791,14 +783,11 @@ class Trainer:
                     parts.setdefault("prompt_features", []).append(features.float())
             parts.setdefault("old_logp", []).append(logp)
             if self.critic is not None:
-                for key, value in self._critic_outputs(hidden.float()).items():
+                for key, value in self.critic.outputs(hidden.float()).items():
                     parts.setdefault(key, []).append(value)
                 if (self.critic_updates > 1 and self.trunk is None) or self.observers:  # extra steps, observers
                     parts.setdefault("critic_hidden", []).append(hidden.detach().float())
         return {k: torch.cat(v) for k, v in parts.items()}
-
-    def _critic_outputs(self, hidden: Tensor) -> dict[str, Tensor]:
-        return self.critic.outputs(hidden)
 
     # -- the update ------------------------------------------------------------------------------------------
 
@@ -826,7 +815,7 @@ class Trainer:
         self.policy.train()
         for epoch in range(c.actor.epochs):
             # the same permutation of the global batch on every rank; each rank runs its own rows of each minibatch
-            stream = torch.Generator().manual_seed(_stream_seed(c.seed, self.step, 1, epoch))
+            stream = torch.Generator().manual_seed(stream_seed(c.seed, self.step, 1, epoch))
             if self.sharded:
                 # sharded forwards are collectives: every process runs the same number of rows per minibatch, its
                 # own rows in one order shared by all (with one minibatch, the same as the global order)
@@ -1034,7 +1023,7 @@ class Trainer:
         key, calls = self._draw_key, itertools.count()
 
         def uniform(shape: tuple[int, ...]) -> Tensor:
-            g = torch.Generator().manual_seed(_stream_seed(self.config.seed, self.step, 2, key, next(calls)))
+            g = torch.Generator().manual_seed(stream_seed(self.config.seed, self.step, 2, key, next(calls)))
             return torch.rand((n, width, *shape[2:]), generator=g)[rows, : shape[1]]
 
         return uniform
