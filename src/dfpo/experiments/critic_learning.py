@@ -165,6 +165,7 @@ def _split(value: str) -> list[str]:
 
 def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     from dfpo.config import flatten
+    from dfpo.noisy import _code_version
     from dfpo.training.config import BACKBONES, build_config
     from dfpo.training.trainer import Trainer
 
@@ -180,6 +181,7 @@ def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     extra = flatten(config.train)
     cells_path = out / "cells.json"
     cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    code_version = _code_version()  # per cell: a resumed folder can hold cells of several versions
     plan = [(t, a, b) for t in tasks for a in algos for b in backbones]
     configs = {}
     for task, algo, backbone in plan:  # every setting is checked before the first cell trains
@@ -208,6 +210,7 @@ def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
         trainer.run()
         cell = analyse(recorder, config.window)
         cell["seconds"] = round(time.perf_counter() - start, 1)
+        cell["code"] = code_version
         cells[name] = cell
         tmp = cells_path.with_name(".cells.json.tmp")
         tmp.write_text(json.dumps(cells, indent=1) + "\n")
@@ -226,12 +229,20 @@ def write_summary(out: Path, config: CriticBenchConfig, command: str, cells: dic
     """``summary.md``: the explained-variance table against the probe, and the distribution table."""
     from dfpo.noisy import _code_version
 
+    versions: dict[str, int] = {}
+    for cell in cells.values():
+        versions[cell.get("code", "not recorded")] = versions.get(cell.get("code", "not recorded"), 0) + 1
+    current = _code_version()
+    measured = (
+        f" Cells measured at: {', '.join(f'{v} ({n} cells)' for v, n in versions.items())}."
+        if set(versions) != {current} else ""
+    )  # fmt: skip
     lines = [
         "# Critic learning", "", f"Command: `{command}`", "",
         f"Code: dfpo {_code_version()}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}; "
         f"{config.steps} steps of {config.prompts} x {config.samples}, seed {config.seed}, clean rewards; figures "
-        f"over the last {config.window} steps.", "",
+        f"over the last {config.window} steps.{measured}", "",
         "Explained variance of the critic's values against the Monte-Carlo returns (lambda = 1) of the rewards the "
         "learner saw, beside the ceiling: a ridge probe from the same features to the same returns, fitted on the "
         "earlier steps and scored on the same last steps.", "",

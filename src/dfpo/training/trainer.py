@@ -421,8 +421,9 @@ class Trainer:
             actor_groups.append({"params": list(self.log_z.parameters()), "lr": c.critic.lr, "weight_decay": 0.0})
         critic_groups = []
         if self.critic is not None:
-            head = {"params": list(self.critic.parameters()), "lr": c.critic.lr, "weight_decay": 0.0}
-            (actor_groups if c.critic.backbone == "shared" else critic_groups).append(head)
+            # the head has its own optimizer on every backbone (on a shared trunk the critic loss's gradient into
+            # the trunk goes to the actor's), so that extra critic steps can train it alone
+            critic_groups.append({"params": list(self.critic.parameters()), "lr": c.critic.lr, "weight_decay": 0.0})
         if self.trunk is not None:
             trunk_lr = c.critic.trunk_lr or c.actor.lr
             critic_groups.append({"params": _trainable(self.trunk), "lr": trunk_lr, "weight_decay": 0.0})
@@ -894,7 +895,8 @@ class Trainer:
 
     def _critic_steps(self, batch: dict[str, Tensor], steps: int, micro: int, width: int) -> dict[str, float]:
         """``steps`` more critic gradient steps on the whole batch (the critic's targets stay those of this step):
-        a head on the policy's frozen features trains from the features saved while scoring; a separate critic
+        a head on the policy's features (frozen or shared) trains alone from the features saved while scoring, so
+        the policy never moves in them; a separate critic
         trunk runs its forward and backward again, ``micro`` sequences at a time (0: all at once). Returns the loss
         and explained variance after them."""
         rows = torch.arange(batch["mask"].shape[0])
