@@ -36,9 +36,50 @@ def test_throughput_reports_every_phase_and_memory_beside_trl(tmp_path, capsys):
     assert "grpo: TRL's GRPO step takes" in shown and "against TRL's" in shown
 
 
+def test_throughput_systems_carry_their_own_settings(tmp_path):
+    """'algo+key=value' runs that algorithm with its own settings: here DFPO with one critic step, and DFPO whose
+    measured steps all train the critic alone (value pretraining), whose update counts no model pass."""
+    out = tmp_path / "throughput.json"
+    systems = "dfpo,dfpo+critic.updates=1,dfpo+critic.warmup_steps=9"
+    assert main(["bench", "throughput", f"algos={systems}", *SMALL, f"out={out}"]) == 0
+    full, one, warm = json.loads(out.read_text())["algos"]
+    assert [full["algo"], one["algo"], warm["algo"]] == systems.split(",")
+    assert full["critic_only_steps"] == one["critic_only_steps"] == 0 and warm["critic_only_steps"] == 1
+    # a frozen head's critic-only update runs no model pass (its features came while scoring; heads not counted)
+    assert warm["update_mfu"] == 0 < full["update_mfu"]
+
+
+def test_update_passes_count_what_each_step_runs():
+    """Forward-equivalents of the update: the policy's forward and backward (3) plus its recomputation under
+    activation checkpointing; a critic-only step runs the policy forward for a frozen head's features only, or
+    its forward and backward on a shared trunk; a separate trunk adds 3 per critic step."""
+    from types import SimpleNamespace
+
+    from dfpo.bench import _update_passes
+
+    def trainer(backbone, updates=1, fused=False, checkpoint=0):
+        config = SimpleNamespace(actor=SimpleNamespace(epochs=1, checkpoint_prompts=checkpoint),
+                                 critic=SimpleNamespace(backbone=backbone))  # fmt: skip
+        return SimpleNamespace(config=config, critic=object(), fused=fused, critic_updates=updates,
+                               trunk=object() if backbone == "separate" else None,
+                               _critic_on_policy=backbone != "separate")  # fmt: skip
+
+    assert _update_passes(trainer("frozen"), True) == 3
+    assert _update_passes(trainer("frozen", fused=True, checkpoint=4), True) == 3
+    assert _update_passes(trainer("frozen"), False) == 1  # features for the head, no backward
+    assert _update_passes(trainer("frozen", fused=True), False) == 0  # those features came while scoring
+    assert _update_passes(trainer("shared"), False) == 3
+    assert _update_passes(trainer("separate", updates=16), True) == 3 + 3 * 16
+    assert _update_passes(trainer("separate", updates=16), False) == 3 * 16
+
+
 def test_throughput_refuses_unknown_systems_and_bad_sizes(capsys):
     assert main(["bench", "throughput", "algos=grpo,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
+    assert main(["bench", "throughput", "algos=nope+critic.updates=1"]) == 2
+    assert "unknown nope+critic.updates=1" in capsys.readouterr().err
+    assert main(["bench", "throughput", "algos=dfpo+critic.nope=1"]) == 2  # refused before any run starts
+    assert "unknown key 'critic.nope'" in capsys.readouterr().err
     assert main(["bench", "throughput", "algos=grpo", "samples=1"]) == 2
     assert "samples >= 2" in capsys.readouterr().err
     assert main(["bench", "throughput", "precision=fp16"]) == 2

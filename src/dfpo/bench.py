@@ -44,7 +44,9 @@ class ThroughputConfig:
 
     model: str = option("tiny", "'tiny' or 'smollm2' (each uses its calibrated arithmetic preset)")
     algos: str = option(
-        "grpo,ppo,dfpo", "comma-separated systems: dfpo algorithms (dfpo list shows them) and 'trl' (TRL's GRPO)"
+        "grpo,ppo,dfpo",
+        "comma-separated systems: dfpo algorithms (dfpo list shows them), each with its own settings after '+' "
+        "('dfpo+critic.updates=1' is DFPO with one critic step), and 'trl' (TRL's GRPO)",
     )
     steps: int = option(3, "measured steps per run (one more is run first and discarded)")
     rounds: int = option(1, "runs of every system, in alternating order (medians pool the rounds' steps)")
@@ -87,10 +89,11 @@ def _peak_rss_gib() -> float:
 # -- the children: one system, one run ---------------------------------------------------------------------------
 
 
-def _dfpo_overrides(config: ThroughputConfig, algo: str, run_dir: str) -> list[str]:
-    """The ``dfpo train`` settings of ``algo``'s benchmark run."""
+def _dfpo_overrides(config: ThroughputConfig, system: str, run_dir: str) -> list[str]:
+    """The ``dfpo train`` settings of ``system``'s benchmark run: ``algo`` or ``algo+key=value+...``."""
     from dfpo.tasks.presets import preset
 
+    algo, *own = system.split("+")
     chosen = preset(f"{config.model}-arithmetic")
     kl = ["kl.mode=none"] if config.kl == 0 else [f"kl.coef={config.kl}"]
     return [
@@ -99,7 +102,7 @@ def _dfpo_overrides(config: ThroughputConfig, algo: str, run_dir: str) -> list[s
         f"rollout.max_new_tokens={config.max_new_tokens}", f"threads={config.threads}", "critic.warmup_steps=0",
         f"actor.lr={config.lr}", f"precision={config.precision}", "log.progress=false",
         f"actor.checkpoint_prompts={config.checkpoint_prompts}", *kl,
-        *(f"task_options.{k}={v}" for k, v in chosen.task_options.items()), *config.train.split(),
+        *(f"task_options.{k}={v}" for k, v in chosen.task_options.items()), *config.train.split(), *own,
     ]  # fmt: skip
 
 
@@ -119,30 +122,37 @@ def _dfpo_run(config: ThroughputConfig, algo: str) -> dict[str, Any]:
     return {
         "non_embedding_parameters": _non_embedding_parameters(trainer.policy),
         # model passes per token position, by phase (see the module docstring)
-        "forwards": {
-            "generate": 1,
-            "score": 1 + (trainer.ref is not None) + (trainer.trunk is not None),
-            "update": _update_passes(trainer),
-        },
+        "forwards": {"generate": 1, "score": 1 + (trainer.ref is not None) + (trainer.trunk is not None)},
         "steps": [
             {
                 "step_s": r["perf/step_s"],
                 **{f"{p}_s": r[f"perf/{p}_s"] for p in ("generate", "score", "update")},
                 "positions": r["perf/forward_positions"],
                 "response_tokens": r["perf/generate_tokens_per_s"] * r["perf/generate_s"],
+                "update_passes": _update_passes(trainer, bool(r.get("actor/active", 1.0))),
+                "actor_active": bool(r.get("actor/active", 1.0)),
             }
             for r in steps
         ],
     }
 
 
-def _update_passes(trainer: Any) -> int:
+def _update_passes(trainer: Any, actor_active: bool) -> int:
     """Forward-equivalents of the update phase: 3 per trained model and epoch (a backward costs two forwards),
     less the policy's forward when it already ran while scoring, plus its recomputation per epoch under
-    activation checkpointing."""
-    epochs = trainer.config.actor.epochs
-    passes = 3 * (1 + (trainer.trunk is not None)) * epochs - (1 if trainer.fused else 0)
-    return passes + (epochs if trainer.config.actor.checkpoint_prompts else 0)
+    activation checkpointing; a step that trains the critic alone (``critic.warmup_steps``) runs the policy
+    forward only for a frozen backbone's features; a separate critic trunk's extra steps (``critic.updates``) run
+    its forward and backward again."""
+    c = trainer.config
+    epochs = c.actor.epochs
+    backward = actor_active or (trainer.critic is not None and c.critic.backbone == "shared")
+    passes = 0
+    if backward or trainer._critic_on_policy:
+        passes = (3 if backward else 1) * epochs - (1 if trainer.fused else 0)
+        passes += epochs if backward and c.actor.checkpoint_prompts else 0
+    if trainer.trunk is not None:
+        passes += 3 * (epochs + trainer.critic_updates - 1)
+    return passes
 
 
 def _trl_run(config: ThroughputConfig) -> dict[str, Any]:
@@ -231,12 +241,15 @@ def _summarise(system: str, runs: list[dict[str, Any]], peak: float) -> dict[str
     }
     if system == TRL:
         return out
+    out["critic_only_steps"] = sum(not s["actor_active"] for s in steps)  # under critic.warmup_steps
     params, forwards = runs[0]["non_embedding_parameters"], runs[0]["forwards"]
     flops = 0.0
     for phase in ("generate", "score", "update"):
         seconds = statistics.median(s[f"{phase}_s"] for s in steps)
-        positions = statistics.median(s["positions"] for s in steps)
-        phase_flops = 2 * params * positions * forwards[phase]
+        # positions x passes: the update's passes can differ by step (critic-only steps)
+        work = statistics.median(s["positions"] * (s["update_passes"] if phase == "update" else forwards[phase])
+                                 for s in steps)  # fmt: skip
+        phase_flops = 2 * params * work
         flops += phase_flops
         out[f"{phase}_s"] = seconds
         out[f"{phase}_mfu"] = phase_flops / seconds / peak
@@ -250,7 +263,7 @@ def run_throughput(config: ThroughputConfig, command: str) -> dict[str, Any]:
     from dfpo.training.algos import ALGOS
 
     systems = [a.strip() for a in config.algos.split(",") if a.strip()]
-    unknown = [a for a in systems if a not in ALGOS and a != TRL]
+    unknown = [a for a in systems if a.split("+")[0] not in ALGOS and a != TRL]
     if unknown:
         raise ConfigError(f"algos: unknown {', '.join(unknown)}; valid: {', '.join(ALGOS)}, {TRL}")
     if config.model not in ("tiny", "smollm2"):
@@ -262,7 +275,7 @@ def run_throughput(config: ThroughputConfig, command: str) -> dict[str, Any]:
     for key in ("steps", "rounds", "prompts", "samples", "max_new_tokens"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}={getattr(config, key)}: must be at least 1")
-    if config.samples < 2 and any(s in (TRL, "grpo", "dr_grpo", "rloo", "flowrl") for s in systems):
+    if config.samples < 2 and any(s.split("+")[0] in (TRL, "grpo", "dr_grpo", "rloo", "flowrl") for s in systems):
         raise ConfigError(f"samples={config.samples}: group-relative systems need samples >= 2")
     if TRL in systems:
         try:
@@ -301,7 +314,8 @@ def _print_table(results: dict[str, Any]) -> None:
     rows = results["algos"]
     print(f"matmul peak ({results['matmul_peak_dtype']}, 1024^3, {results['threads']} threads): "
           f"{results['matmul_peak_gflops']:.1f} GFLOP/s")  # fmt: skip
-    print("system        step s  generate s (tok/s)  score s  update s    MFU  peak GiB  steps  vs first")
+    name = max(12, *(len(r["algo"]) for r in rows))
+    print(f"{'system':{name}s}  step s  generate s (tok/s)  score s  update s    MFU  peak GiB  steps  vs first")
     base = rows[0]["step_s"]
     for r in rows:
         if r["algo"] == TRL:
@@ -309,7 +323,7 @@ def _print_table(results: dict[str, Any]) -> None:
         else:
             phases = (f"{r['generate_s']:6.2f} ({r['generate_tokens_per_s']:7.0f})  {r['score_s']:7.2f}  "
                       f"{r['update_s']:8.2f}  {r['mfu']:5.1%}")  # fmt: skip
-        print(f"{r['algo']:12s} {r['step_s']:7.2f}  {phases}  {r['peak_rss_gib']:8.2f}  {r['measured_steps']:5d}"
+        print(f"{r['algo']:{name}s} {r['step_s']:7.2f}  {phases}  {r['peak_rss_gib']:8.2f}  {r['measured_steps']:5d}"
               f"  x{r['step_s'] / base:.2f}")  # fmt: skip
     if any(r["algo"] == TRL for r in rows):
         trl = next(r for r in rows if r["algo"] == TRL)
