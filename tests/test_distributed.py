@@ -33,6 +33,8 @@ CASES = {
     "grpo-kl-loss": ["algo=grpo", "kl.mode=loss"],
     # the ensemble members' bootstrap masks are drawn for the sequences' rows in the whole batch
     "robust-ppo-minibatches": ["algo=robust_ppo", "actor.minibatches=2", "actor.micro_batch=2"],
+    # a critic head on the policy's own trunk: its extra steps (the head alone) sum their gradients over processes
+    "ppo-shared": ["algo=ppo", "critic.backbone=shared"],
     # FSDP2: the policy sharded over the 2 processes (the flow critic's head is not)
     "dfpo-fsdp": ["algo=dfpo", "parallel=fsdp"],
     # micro-batches sized by tokens at the longest padded length over both processes: sharded forwards are
