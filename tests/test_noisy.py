@@ -182,17 +182,36 @@ def test_ablations_change_what_they_name():
     assert variant_settings(scale, "ppo", []) == ("ppo", [])
     algo, settings = variant_settings(scale, "dvpo_equal", ["critic.width=64"])
     assert algo == "dvpo" and settings[0].startswith("critic.width=")
+    algo, settings = variant_settings(scale, "ppo_equal", ["critic.width=64"])
+    assert algo == "ppo" and settings == [f"critic.width={equal_parameter_width(128, 64, 'scalar')}"]
     assert set(ABLATIONS) >= {"euler2", "euler8", "no_risk", "no_consistency", "uweight_off", "k64"}
 
 
 def test_equal_parameter_width_matches_the_flow_head():
     from dfpo.critics.quantile import QuantileCritic
+    from dfpo.critics.scalar import ScalarCritic
     from dfpo.critics.value_flow import ValueFlowCritic
 
-    width = equal_parameter_width(128, 64)
-    quantile = sum(p.numel() for p in QuantileCritic(128, 200, 3, width).parameters())
-    flow = sum(p.numel() for p in ValueFlowCritic(128, 64).parameters())
-    assert abs(quantile - flow) / flow < 0.02
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    flow = count(ValueFlowCritic(128, 64))
+    assert abs(count(QuantileCritic(128, 200, 3, equal_parameter_width(128, 64))) - flow) / flow < 0.02
+    scalar_width = equal_parameter_width(128, 64, "scalar")
+    assert abs(count(ScalarCritic(128, width=scalar_width)) - flow) / flow < 0.02
+    assert count(ScalarCritic(128)) < flow / 2  # PPO's default head is much smaller: the ablation is not a no-op
+
+
+def test_stability_of_a_heldout_curve():
+    from dfpo.noisy import stability
+
+    curve = [{"step": s, "accuracy": a} for s, a in enumerate([0.40, 0.50, 0.30, 0.45, 0.35])]
+    result = stability(curve)
+    assert result["largest_drop"] == pytest.approx(0.20)  # from the best so far (0.50) to 0.30
+    assert result["ended_below_start"] == 1.0 and result["heldout_start"] == 0.40
+    rising = stability([{"step": 0, "accuracy": 0.3}, {"step": 5, "accuracy": 0.5}])
+    assert rising["largest_drop"] == 0.0 and rising["ended_below_start"] == 0.0
+    assert math.isnan(stability([])["largest_drop"])
 
 
 def test_tuning_picks_the_rate_with_the_best_final_true_reward(tmp_path):
@@ -223,19 +242,25 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
         record = json.loads((out / "cells" / f"sub-{variant}-flip0.2-seed0.json").read_text())
         assert f"actor.lr={tuning[f'{variant}/sub']}" in record["settings"]  # the tuned rate is the one used
         assert [c["step"] for c in record["curves"]] == [1, 2]
-        assert set(record["benchmarks"]) == {"add-2", "add-3", "sub-2", "sub-3"}
+        assert set(record["benchmarks"]) == {f"{d}-{t}" for d in ("add", "sub") for t in (2, 3, 4)}
         assert all(b["n"] == 6 for b in record["benchmarks"].values())
+        # the trainer's held-out accuracy before training and at the last step (eval_every 5 > steps)
+        assert [p["step"] for p in record["heldout"]] == [0, 2]
+        assert all(0 <= p["accuracy"] <= 1 for p in record["heldout"])
+        # a critic's fit beside the ridge probe on its features; none without a critic
+        assert ("critic_fit" in record) == (variant == "dfpo")
         run_dir = out / "runs" / record["id"]
         assert (run_dir / "metrics.jsonl").exists()
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "latest").exists()  # weights not kept
     rows = list(csv.DictReader((out / "cells.csv").open()))
     assert [r["variant"] for r in rows] == ["dfpo", "grpo"]  # tuning cells are not results
     for row in rows:
-        ids = [float(row["sub-2"]), float(row["sub-3"])]
-        assert float(row["ID AVG"]) == pytest.approx(sum(ids) / 2)
+        ids = [float(row[f"sub-{t}"]) for t in (2, 3, 4)]
+        assert float(row["ID AVG"]) == pytest.approx(sum(ids) / 3)
         assert float(row["ALL AVG"]) == pytest.approx(
-            sum(float(row[b]) for b in ("add-2", "add-3", "sub-2", "sub-3")) / 4
+            sum(float(row[f"{d}-{t}"]) for d in ("add", "sub") for t in (2, 3, 4)) / 6
         )
+        assert 0 <= float(row["largest_drop"]) <= 1 and row["ended_below_start"] in ("0.0", "1.0")
     summary = (out / "summary.md").read_text()
     assert "## Trained on sub, supervision flip(0.2)" in summary
     assert "| grpo | 1 |" in summary and "DFPO against each variant" in summary
@@ -244,7 +269,8 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     assert "| starting model | - |" in summary and "## Stability" in summary
     assert "## Critic explained variance" in summary  # dfpo has a critic; grpo has none
     critic_rows = [line for line in summary.splitlines() if line.startswith(("| dfpo | ", "| grpo | "))]
-    assert any(line.count(" / ") == 2 for line in critic_rows)
+    assert any(line.count(" / ") == 3 for line in critic_rows)  # explained variance / probe / prompt share / ceiling
+    assert "the largest drop below the best accuracy" in summary and "Spread of the final true" in summary
     for plot in ("curves-sub.png", "accuracy-sub.png"):
         assert (out / plot).stat().st_size > 1000
     grid = json.loads((out / "grid.json").read_text())
@@ -293,6 +319,9 @@ def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
         assert a["reward/true"] == b["reward/true"]
         assert a["critic/explained_var"] == pytest.approx(b["critic/explained_var"], abs=1e-6)
     assert resumed["resumed_from_step"] == 2 and whole["resumed_from_step"] == 0
+    # the accuracy curve survives the interruption (plus the point the short run took at its own last step)
+    assert [p for p in resumed["heldout"] if p["step"] != 2] == whole["heldout"]
+    assert (whole["critic_fit"]["steps_seen"], resumed["critic_fit"]["steps_seen"]) == (4, 2)
     for record in (whole, resumed):
         for result in record["benchmarks"].values():
             result.pop("seconds")

@@ -9,9 +9,9 @@ science and math).
 
 Scales (:data:`SCALES`) fix the model, the domains with their benchmarks, and the shared budget:
 
-- ``tiny``: the embedded tiny model; domains ``add`` and ``sub`` (2-3 term chains of 2-digit additions, of
-  subtractions, with worked steps), each with a 2-term and a 3-term benchmark, so values vary with the prompt's
-  difficulty and along the worked steps;
+- ``tiny``: the embedded tiny model; domains ``add`` and ``sub`` (2-4 term chains of 2-digit additions, of
+  subtractions, with worked steps), each with a 2-, 3- and 4-term benchmark, so values vary widely with the
+  prompt's difficulty and along the worked steps;
 - ``smollm2``: SmolLM2-135M-Instruct; domains ``math`` (sums of two 1- or 2-digit numbers, three worked examples;
   evaluated on held-out sums and GSM8K), ``science`` (SciQ, ARC-Easy, ARC-Challenge, OpenBookQA)
   and ``dialogue`` (CoQA, trained on the learned reward model's scores, evaluated by F1 against the gold answers).
@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -99,14 +100,19 @@ class Scale:
     eval_limit: int
     checkpoint_every: int
     eval_batch: int = 64  # prompts per greedy generate call when a cell is evaluated
+    # held-out accuracy on the training domain's eval split every this many steps (the stability figures)
+    eval_every: int = 5
     about: str = ""
 
 
 def _arithmetic_domain(name: str, operator: str, about: str) -> Domain:
-    # eval_size 1000: about 500 problems of each length; the training stream never yields one of them
-    options = {"prompt_style": "terse", "operators": operator, "min_terms": 2, "max_terms": 3, "eval_size": 1000}
+    # 2-4 terms: prompts of widely different difficulty whose difficulty the tiny model's features show
+    # (benchmarks/value_probe.py, 400 prompts x 4 samples: between-prompt share of the reward's variance 0.57 for
+    # additions, 0.32 for subtractions; a ridge probe at the first response token 0.33 and 0.16, where 2-3 terms
+    # gave 0.33 / 0.08 and 0.31 / 0.02). eval_size 1000: about 330 problems of each length, never in training.
+    options = {"prompt_style": "terse", "operators": operator, "min_terms": 2, "max_terms": 4, "eval_size": 1000}
     benchmarks = tuple(
-        Benchmark(f"{name}-{terms}", "arithmetic", options, "eval", ("terms", terms)) for terms in (2, 3)
+        Benchmark(f"{name}-{terms}", "arithmetic", options, "eval", ("terms", terms)) for terms in (2, 3, 4)
     )
     return Domain(name, "arithmetic", options, benchmarks, 64, about=about)
 
@@ -132,8 +138,8 @@ SCALES: dict[str, Scale] = {
         model="tiny",
         hidden_size=128,
         domains={
-            "add": _arithmetic_domain("add", "+", "2-3 term chains of 2-digit additions, worked steps"),
-            "sub": _arithmetic_domain("sub", "-", "2-3 term chains of 2-digit subtractions, worked steps"),
+            "add": _arithmetic_domain("add", "+", "2-4 term chains of 2-digit additions, worked steps"),
+            "sub": _arithmetic_domain("sub", "-", "2-4 term chains of 2-digit subtractions, worked steps"),
         },
         train=("add", "sub"),
         settings=("rollout.prompts=8", "rollout.samples=4"),
@@ -141,8 +147,8 @@ SCALES: dict[str, Scale] = {
         eval_limit=200,
         checkpoint_every=20,
         eval_batch=200,  # one generate call per benchmark: 1.6x faster than batches of 64 on the tiny model
-        about="the embedded 0.87M-parameter tiny model; the default grid of 168 cells, two at a time (workers=2), "
-        "takes about 2 hours on 2 cores, and tune= with two rates adds 28 cells",
+        about="the embedded 0.87M-parameter tiny model; the default grid is 168 cells (7 algorithms x 4 kinds of "
+        "supervision x 3 seeds x 2 domains), and tune= with two rates adds 28 cells",
     ),
     "smollm2": Scale(
         model="smollm2",
@@ -222,6 +228,9 @@ ABLATIONS: dict[str, Ablation] = {
     "k32": Ablation("dfpo", ("critic.samples=32",), "K = 32 return samples"),
     "k64": Ablation("dfpo", ("critic.samples=64",), "K = 64 return samples"),
     "dvpo_equal": Ablation("dvpo", (), "DVPO's quantile head sized to the flow head's parameter count"),
+    "ppo_equal": Ablation(
+        "ppo", (), "PPO's scalar head sized to the flow head's parameter count: a bigger head without a distribution"
+    ),
 }
 
 
@@ -232,19 +241,22 @@ def _critic_width(settings: list[str]) -> int:
     return int(widths[-1]) if widths else CriticOptions().width
 
 
-def equal_parameter_width(hidden_size: int, flow_width: int, quantiles: int = 200, heads: int = 3) -> int:
-    """The quantile critic's width whose parameter count is closest to the flow critic's at ``flow_width``."""
+def equal_parameter_width(hidden_size: int, flow_width: int, kind: str = "quantile") -> int:
+    """The width at which a ``kind`` critic (``quantile``: DVPO's 3 heads x 200 quantiles; ``scalar``: PPO's
+    value head) has the parameter count closest to the flow critic's at ``flow_width``."""
     from dfpo.critics.quantile import QuantileCritic
+    from dfpo.critics.scalar import ScalarCritic
     from dfpo.critics.value_flow import ValueFlowCritic
 
     def count(module: Any) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    make = {
+        "quantile": lambda w: QuantileCritic(hidden_size, 200, 3, w),
+        "scalar": lambda w: ScalarCritic(hidden_size, width=w),
+    }[kind]
     target = count(ValueFlowCritic(hidden_size, flow_width))
-    return min(
-        range(1, 4 * flow_width + 1),
-        key=lambda w: abs(count(QuantileCritic(hidden_size, quantiles, heads, w)) - target),
-    )
+    return min(range(1, 8 * flow_width + 1), key=lambda w: abs(count(make(w)) - target))
 
 
 def variant_settings(scale: Scale, variant: str, shared: list[str]) -> tuple[str, list[str]]:
@@ -259,8 +271,9 @@ def variant_settings(scale: Scale, variant: str, shared: list[str]) -> tuple[str
         )
     ablation = ABLATIONS[variant]
     settings = list(ablation.settings)
-    if variant == "dvpo_equal":
-        settings.append(f"critic.width={equal_parameter_width(scale.hidden_size, _critic_width(shared))}")
+    if variant in ("dvpo_equal", "ppo_equal"):
+        kind = "quantile" if variant == "dvpo_equal" else "scalar"
+        settings.append(f"critic.width={equal_parameter_width(scale.hidden_size, _critic_width(shared), kind)}")
     return ablation.algo, settings
 
 
@@ -280,6 +293,11 @@ class NoisyConfig:
     train: str = option("", "comma-separated training domains (empty: the scale's cross-domain pair)")
     steps: int = option(0, "training steps of every cell (0: the scale's default)")
     eval_limit: int = option(0, "examples per benchmark (0: the scale's default)")
+    eval_every: int = option(
+        -1,
+        "held-out accuracy on the training domain every this many steps, for the stability figures (-1: the "
+        "scale's default, 0: none)",
+    )
     settings: str = option("", "more dfpo train settings for every cell, space-separated: 'rollout.prompts=16'")
     tune: str = option("", "actor learning rates each variant picks from (on its tuning seed, clean rewards)")
     tune_seed: int = option(1000, "seed of the tuning cells (kept apart from the evaluation seeds)")
@@ -405,6 +423,45 @@ CURVE_KEYS = (
 )  # fmt: skip
 
 
+def heldout_curve(evals: dict[str, Any]) -> list[dict[str, float]]:
+    """``[{step, accuracy}]``: the trainer's held-out accuracy before training (step 0) and at each evaluation."""
+    points = []
+    if "eval" in evals.get("before", {}):
+        points.append({"step": 0, "accuracy": evals["before"]["eval"]["accuracy"]})
+    points += [{"step": h["step"], "accuracy": h["eval"]["accuracy"]} for h in evals.get("history", []) if "eval" in h]
+    return points
+
+
+def critic_fit(recorder: Any, steps: int) -> dict[str, Any]:
+    """The critic's explained variance against the Monte-Carlo returns of the observed rewards over the last
+    quarter of the steps, beside a ridge probe's held-out R^2 from the same features (fitted on the earlier steps):
+    what the critic learned against what its features allow. A cell resumed late has too few steps in this
+    process to say (``steps_seen`` only)."""
+    from dfpo.experiments.critic_learning import analyse
+
+    window = max(1, steps // 4)
+    out: dict[str, Any] = {"steps_seen": len(recorder.steps), "window": window}
+    if len(recorder.steps) > window:
+        fit = analyse(recorder, window)
+        out.update({k: fit[k] for k in ("explained_var", "probe_r2", "value_bias", "return_var") if k in fit})
+    return out
+
+
+def stability(curve: list[dict[str, float]]) -> dict[str, float]:
+    """From a held-out accuracy curve: its start and end, the largest drop below the best accuracy reached so far,
+    and whether it ended below its start (nan without a curve)."""
+    if len(curve) < 2:
+        return {"heldout_start": math.nan, "heldout_final": math.nan, "largest_drop": math.nan,
+                "ended_below_start": math.nan}  # fmt: skip
+    best, drop = -math.inf, 0.0
+    for point in curve:
+        best = max(best, point["accuracy"])
+        drop = max(drop, best - point["accuracy"])
+    start, final = curve[0]["accuracy"], curve[-1]["accuracy"]
+    return {"heldout_start": start, "heldout_final": final, "largest_drop": drop,
+            "ended_below_start": float(final < start)}  # fmt: skip
+
+
 def _write_json(path: Path, data: Any) -> None:
     from dfpo.training.trainer import _write_json as write_atomically
 
@@ -416,6 +473,7 @@ def run_cell(spec: dict[str, Any]) -> None:
     """Train one cell (continuing from its last checkpoint if there is one), evaluate it, write its JSON."""
     import torch
 
+    from dfpo.experiments.critic_learning import Recorder
     from dfpo.models import load_model
     from dfpo.training import checkpoint as ckpt
     from dfpo.training.config import build_config
@@ -439,10 +497,17 @@ def run_cell(spec: dict[str, Any]) -> None:
         record["resumed_from_step"] = trainer.step
         if trainer.hidden_size != scale.hidden_size:
             raise ConfigError(f"scale {spec['scale']}: expected hidden size {scale.hidden_size}")
-        trainer.run()
+        recorder = None
+        if trainer.critic is not None:  # the critic's fit against a ridge probe on the same features
+            recorder = Recorder(trainer.task, config.advantage.gamma)
+            trainer.observers.append(recorder)
+        evals = trainer.run()
         model, tokenizer = trainer.policy, trainer.tokenizer
         curves = [{k: m[k] for k in ("step", *CURVE_KEYS) if k in m} for m in read_metrics(run_dir)]
         record["settings"] = spec["settings"]
+        record["heldout"] = heldout_curve(evals)
+        if recorder is not None:
+            record["critic_fit"] = critic_fit(recorder, config.steps)
     peers = None if spec["variant"] == "base" else scale.peers(spec["domain"])
     record["benchmarks"] = evaluate_benchmarks(model, tokenizer, scale, spec["eval_limit"], peers)
     record["curves"] = curves
@@ -492,6 +557,7 @@ def _budget(config: NoisyConfig, scale: Scale) -> dict[str, Any]:
         "scale": config.scale,
         "steps": config.steps or scale.steps,
         "eval_limit": config.eval_limit or scale.eval_limit,
+        "eval_every": scale.eval_every if config.eval_every < 0 else config.eval_every,
         "settings": [*scale.settings, *config.settings.split()],
         "tune": _split(config.tune),
         "tune_seed": config.tune_seed,
@@ -504,11 +570,20 @@ def _cell_settings(scale: Scale, budget: dict[str, Any], cell: Cell) -> list[str
     return [
         f"algo={cell.algo}", f"model={scale.model}", f"task={domain.task}", f"noise={cell.noise}",
         f"seed={cell.seed}", f"steps={budget['steps']}", f"rollout.max_new_tokens={domain.max_new_tokens}",
-        *(f"task_options.{k}={v}" for k, v in domain.options.items()),
-        "eval.splits=", "log.progress=false", "log.samples_every=0",
+        *(f"task_options.{k}={v}" for k, v in domain.options.items()), *_curve_settings(budget),
+        "log.progress=false", "log.samples_every=0",
         f"checkpoint.every={scale.checkpoint_every}", "checkpoint.keep=1",
         *domain.settings, *budget["settings"], *extra, *([f"actor.lr={cell.lr}"] if cell.lr else []),
     ]  # fmt: skip
+
+
+def _curve_settings(budget: dict[str, Any]) -> list[str]:
+    """The trainer's own held-out evaluation, greedy, on the training domain's eval split (before training and every
+    ``eval_every`` steps): the accuracy curve of the stability figures."""
+    every = budget.get("eval_every", 0)
+    if not every:
+        return ["eval.splits="]
+    return ["eval.splits=eval", f"eval.every={every}", f"eval.limit={budget['eval_limit']}", "eval.samples=0"]
 
 
 def _cell_process(spec: dict[str, Any], log: str) -> None:
@@ -779,12 +854,15 @@ def write_report(out: Path) -> dict[str, Any]:
     rows = []
     for r in cells:
         ev, prompt_share, ceiling = _tail_means(r, EV_KEYS)
+        fit = r.get("critic_fit", {})
         rows.append({
             "domain": r["domain"], "variant": r["variant"], "algo": r["algo"], "noise": r["noise"], "seed": r["seed"],
             **{b: r["benchmarks"][b]["accuracy"] for b in benchmarks if b in r["benchmarks"]},
             **_averages(r, r["domain"], scale), "final_true_reward": _final_true_reward(r),
             "critic_explained_var": ev, "prompt_share": prompt_share, "explained_var_ceiling": ceiling,
-            "seconds": r["seconds"],
+            # against the Monte-Carlo returns, beside a ridge probe on the critic's features (cells that record it)
+            "critic_mc_explained_var": fit.get("explained_var", math.nan), "probe_r2": fit.get("probe_r2", math.nan),
+            **stability(r.get("heldout", [])), "seconds": r["seconds"],
         })  # fmt: skip
     _write_csv(out / "cells.csv", rows)
     lines = _summary(grid, scale, base, rows, benchmarks, cells)
@@ -942,6 +1020,39 @@ def _stability_section(
             fell = sum(c < -drop for c in changes)
             shown.append(f"{fixed(100 * sum(changes) / len(changes), sign=True)} ({fell}/{len(changes)})")
         lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+    lines.append("")
+    if any(not math.isnan(r["largest_drop"]) for r in rows):
+        lines += ["During training (the trainer's greedy held-out accuracy on the training domain, before training "
+                  "and every few steps): the largest drop below the best accuracy reached so far, in points (mean "
+                  "over cells), and the cells that ended below their start, out of all.", "",
+                  "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
+        for variant in variants:
+            shown = []
+            for noise in noises:
+                group = [r for r in rows if r["variant"] == variant and r["noise"] == noise
+                         and not math.isnan(r["largest_drop"])]  # fmt: skip
+                if not group:
+                    shown.append("-")
+                    continue
+                drop_mean = 100 * sum(r["largest_drop"] for r in group) / len(group)
+                below = sum(int(r["ended_below_start"]) for r in group)
+                shown.append(f"{fixed(drop_mean)} ({below}/{len(group)})")
+            lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+        lines.append("")
+    lines += ["Spread of the final true training reward (mean of the last 10 steps) across seeds: the standard "
+              "deviation over seeds in points, averaged over the training domains.", "",
+              "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
+    for variant in variants:
+        shown = []
+        for noise in noises:
+            spreads = []
+            for domain in sorted({r["domain"] for r in rows}):
+                finals = [r["final_true_reward"] for r in rows
+                          if (r["variant"], r["noise"], r["domain"]) == (variant, noise, domain)]  # fmt: skip
+                if len(finals) >= 2:
+                    spreads.append(statistics.stdev(finals))
+            shown.append(fixed(100 * sum(spreads) / len(spreads)) if spreads else "-")
+        lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
 
 
@@ -996,8 +1107,12 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
     if not with_critic:
         return []
     lines = ["## Critic explained variance against what there is to explain", "",
-             "Each entry: the critic's explained variance / the prompt share / the ceiling, means over the last "
-             "quarter of the steps, the seeds and the domains. The ceiling is the share of the observed reward's "
+             "Each entry: the critic's explained variance / a ridge probe's R^2 / the prompt share / the ceiling, "
+             "means over the last quarter of the steps, the seeds and the domains. The explained variance is "
+             "against the Monte-Carlo returns of the observed rewards (against the critic's own targets in cells "
+             "that did not record it); the probe is a ridge regression from the critic's own features to the same "
+             "returns, fitted on the earlier steps of the same cell: what those features allow ('-' where not "
+             "recorded). The ceiling is the share of the observed reward's "
              "variance that the true reward explains (`reward/signal_share`; for flips at rate p, "
              "(1 - 2p)^2 Var(true) / Var(observed)): what a critic that knew whether each response is right could "
              "explain at its last token. The prompt share is the part between prompts (`reward/prompt_share`): what "
@@ -1012,11 +1127,15 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
         shown = []
         for noise in noises:
             group = [r for r in rows if r["variant"] == variant and r["noise"] == noise]
-            means = [
-                sum(r[k] for r in group) / len(group) if group else math.nan
-                for k in ("critic_explained_var", "prompt_share", "explained_var_ceiling")
-            ]
-            shown.append(" / ".join(fixed(m, 3) for m in means) if group else "-")
+
+            def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
+                values = [r[key] for r in rows if not math.isnan(r[key])]
+                return sum(values) / len(values) if values else math.nan
+
+            recorded = [r for r in group if not math.isnan(r["critic_mc_explained_var"])]
+            ev = mean("critic_mc_explained_var", recorded) if recorded else mean("critic_explained_var")
+            means = [ev, mean("probe_r2"), mean("prompt_share"), mean("explained_var_ceiling")]
+            shown.append(" / ".join("-" if math.isnan(m) else fixed(m, 3) for m in means) if group else "-")
         lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
 
