@@ -100,8 +100,9 @@ def ridge_r2(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, l
 
 
 def explained(values: Tensor, returns: Tensor) -> float:
-    """``1 - Var(returns - values) / Var(returns)`` over tokens."""
-    return float(1.0 - (returns - values).var() / returns.var().clamp_min(1e-12))
+    """``1 - Var(returns - values) / Var(returns)`` over tokens (nan when the returns do not vary)."""
+    spread = returns.var()
+    return float(1.0 - (returns - values).var() / spread) if spread > 1e-8 else float("nan")
 
 
 def bernoulli_fit(samples: Tensor, p_one: Tensor, alpha: float = 0.1) -> dict[str, float]:
@@ -142,6 +143,15 @@ def analyse(recorder: Recorder, window: int) -> dict[str, Any]:
     if all("samples" in s for s in late):
         out["distribution"] = bernoulli_fit(cat("samples", late), cat("p_one", late))
     return out
+
+
+def _model_settings(model: str) -> list[str]:
+    """The noisy grid's training settings for a model it has a scale for (SmolLM2's actor lr 2e-6, flow critic
+    K and width), less its batch shape, which this benchmark sets: the tiny model's defaults would wreck SmolLM2."""
+    from dfpo.noisy import SCALES
+
+    scale = SCALES.get(model)
+    return [s for s in scale.settings if not s.startswith("rollout.")] if scale else []
 
 
 def _task_settings(name: str, model: str) -> list[str]:
@@ -186,10 +196,10 @@ def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     configs = {}
     for task, algo, backbone in plan:  # every setting is checked before the first cell trains
         overrides = [
-            f"algo={algo}", f"model={config.model}", *_task_settings(task, config.model), "noise=clean",
-            f"steps={config.steps}", f"seed={config.seed}", f"rollout.prompts={config.prompts}",
-            f"rollout.samples={config.samples}", f"critic.backbone={backbone}", "eval.splits=",
-            "log.progress=false", "log.samples_every=0", f"threads={config.threads}",
+            f"algo={algo}", f"model={config.model}", *_model_settings(config.model),
+            *_task_settings(task, config.model), "noise=clean", f"steps={config.steps}", f"seed={config.seed}",
+            f"rollout.prompts={config.prompts}", f"rollout.samples={config.samples}", f"critic.backbone={backbone}",
+            "eval.splits=", "log.progress=false", "log.samples_every=0", f"threads={config.threads}",
             f"run_dir={out / 'runs' / f'{task}-{algo}-{backbone}'}", *extra,
         ]  # fmt: skip
         configs[(task, algo, backbone)] = build_config(overrides)
