@@ -1,6 +1,7 @@
 """``dfpo bench critic``: the probe, the distribution figures, and a cell end to end on the tiny model."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ def test_ridge_probe_recovers_a_linear_value_and_not_noise():
     noise = torch.randn(2000, generator=g)
     assert ridge_r2(x[:1500], noise[:1500], x[1500:], noise[1500:], 1.0) < 0.02
     assert explained(y, y) == 1.0 and explained(torch.zeros(100), torch.randn(100, generator=g)) < 0.05
+    assert math.isnan(explained(torch.rand(100, generator=g), torch.zeros(100)))  # nothing to explain
+
+
+def test_smollm2_cells_train_at_smollm2_settings():
+    from dfpo.experiments.critic_learning import _model_settings
+
+    # the tiny model's actor lr (3e-5) wrecks SmolLM2's policy within 20 steps
+    assert "actor.lr=2e-6" in _model_settings("smollm2") and _model_settings("tiny") == []
+    assert not any(s.startswith("rollout.") for s in _model_settings("smollm2"))  # the benchmark sets the batch
 
 
 def test_bernoulli_fit_against_exact_and_collapsed_quantiles():
