@@ -178,7 +178,10 @@ def test_bad_grids_are_refused_before_any_cell_runs(tmp_path, capsys, override, 
 def test_ablations_change_what_they_name():
     scale = SCALES["tiny"]
     assert variant_settings(scale, "euler4", []) == ("dfpo", ["critic.sample_steps=4"])
-    assert variant_settings(scale, "independent", []) == ("dfpo", ["critic.flow.coupling=independent"])
+    assert variant_settings(scale, "independent", []) == (
+        "dfpo",
+        ["critic.flow.cfm_weight=1", "critic.flow.coupling=independent"],
+    )
     assert variant_settings(scale, "ppo", []) == ("ppo", [])
     algo, settings = variant_settings(scale, "dvpo_equal", ["critic.width=64"])
     assert algo == "dvpo" and settings[0].startswith("critic.width=")
@@ -363,3 +366,42 @@ def test_noisy_help_lists_its_keys(capsys):
     assert "algos" in shown and "ablations" in shown and "workers" in shown
     assert main(["bench", "nope"]) == 2
     assert "dfpo bench {throughput,noisy,critic}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_no_ablation_is_a_no_op(variant):
+    """Each ablation changes its critic's loss (or its parameter count) at the defaults: a setting that the
+    defaults never read (e.g. a coupling when flow matching is off) would make the ablation silently equal DFPO."""
+    import dataclasses
+
+    import dfpo.critics as critics
+    from dfpo.critics.base import CriticContext
+    from dfpo.training.config import build_config, flow_loss_options
+
+    scale = SCALES["tiny"]
+
+    def loss_and_size(algo: str, settings: list[str]) -> tuple[float, int]:
+        c = build_config([f"algo={algo}", "model=tiny", *settings])
+        options = {k: v for k, v in dataclasses.asdict(c.critic).items() if k != "kind"}
+        options["flow"] = flow_loss_options(c.critic.flow)
+        torch.manual_seed(0)
+        critic = critics.build(c.critic.kind, scale.hidden_size, **options)
+        with torch.no_grad():  # a field away from its initialisation (a zero last layer makes every path agree)
+            for p in critic.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        g = torch.Generator().manual_seed(1)
+        hidden, mask = torch.randn(4, 6, scale.hidden_size, generator=g), torch.ones(4, 6)
+        rewards = torch.zeros(4, 6)
+        rewards[:, -1] = (torch.rand(4, generator=g) < 0.5).float()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            old = critic.outputs(hidden)
+        targets = critic.targets(rewards, old, mask, 1.0, 1.0)
+        torch.manual_seed(3)
+        loss, _ = critic.training_loss(hidden, targets, mask, old, CriticContext())
+        return float(loss.detach()), sum(p.numel() for p in critic.parameters())
+
+    algo, settings = variant_settings(scale, variant, [])
+    assert loss_and_size(algo, settings) != loss_and_size(algo, [])
+    if variant == "independent":  # and the coupling itself matters, against flow matching with sorted pairs
+        assert loss_and_size(algo, settings) != loss_and_size(*variant_settings(scale, "cfm", []))

@@ -223,7 +223,14 @@ ABLATIONS: dict[str, Ablation] = {
     "no_consistency": Ablation("dfpo", ("critic.flow.consistency=none",), "without geometric consistency"),
     "uweight_off": Ablation("dfpo", ("critic.flow.uncertainty_weight=none",), "uncertainty weight off"),
     "uweight_inverse": Ablation("dfpo", ("critic.flow.uncertainty_weight=inverse",), "uncertainty weight inverted"),
-    "independent": Ablation("dfpo", ("critic.flow.coupling=independent",), "independent noise-target coupling"),
+    # the coupling pairs noise with targets in the flow-matching term, which DFPO's defaults leave off (on one
+    # trajectory's targets a single Euler step of it lands on the mean): the coupling ablation needs it on
+    "cfm": Ablation("dfpo", ("critic.flow.cfm_weight=1",), "the conditional flow-matching term on (sorted coupling)"),
+    "independent": Ablation(
+        "dfpo",
+        ("critic.flow.cfm_weight=1", "critic.flow.coupling=independent"),
+        "the flow-matching term on with independent noise-target coupling (against cfm: the coupling's effect)",
+    ),
     "k8": Ablation("dfpo", ("critic.samples=8",), "K = 8 return samples"),
     "k32": Ablation("dfpo", ("critic.samples=32",), "K = 32 return samples"),
     "k64": Ablation("dfpo", ("critic.samples=64",), "K = 64 return samples"),
