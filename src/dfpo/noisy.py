@@ -213,6 +213,8 @@ class Ablation:
     algo: str
     settings: tuple[str, ...]
     about: str
+    # a critic kind sized to the flow head's parameter count (see equal_parameter_width), or None
+    equal_width: str | None = None
 
 
 ABLATIONS: dict[str, Ablation] = {
@@ -234,9 +236,12 @@ ABLATIONS: dict[str, Ablation] = {
     "k8": Ablation("dfpo", ("critic.samples=8",), "K = 8 return samples"),
     "k32": Ablation("dfpo", ("critic.samples=32",), "K = 32 return samples"),
     "k64": Ablation("dfpo", ("critic.samples=64",), "K = 64 return samples"),
-    "dvpo_equal": Ablation("dvpo", (), "DVPO's quantile head sized to the flow head's parameter count"),
+    "dvpo_equal": Ablation("dvpo", (), "DVPO's quantile head sized to the flow head's parameter count", "quantile"),
     "ppo_equal": Ablation(
-        "ppo", (), "PPO's scalar head sized to the flow head's parameter count: a bigger head without a distribution"
+        "ppo",
+        (),
+        "PPO's scalar head sized to the flow head's parameter count: a bigger head without a distribution",
+        "scalar",
     ),
 }
 
@@ -278,9 +283,9 @@ def variant_settings(scale: Scale, variant: str, shared: list[str]) -> tuple[str
         )
     ablation = ABLATIONS[variant]
     settings = list(ablation.settings)
-    if variant in ("dvpo_equal", "ppo_equal"):
-        kind = "quantile" if variant == "dvpo_equal" else "scalar"
-        settings.append(f"critic.width={equal_parameter_width(scale.hidden_size, _critic_width(shared), kind)}")
+    if ablation.equal_width:
+        width = equal_parameter_width(scale.hidden_size, _critic_width(shared), ablation.equal_width)
+        settings.append(f"critic.width={width}")
     return ablation.algo, settings
 
 
@@ -1134,17 +1139,19 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
         shown = []
         for noise in noises:
             group = [r for r in rows if r["variant"] == variant and r["noise"] == noise]
-
-            def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
-                values = [r[key] for r in rows if not math.isnan(r[key])]
-                return sum(values) / len(values) if values else math.nan
-
-            recorded = [r for r in group if not math.isnan(r["critic_mc_explained_var"])]
-            ev = mean("critic_mc_explained_var", recorded) if recorded else mean("critic_explained_var")
-            means = [ev, mean("probe_r2"), mean("prompt_share"), mean("explained_var_ceiling")]
+            ev = _nan_mean(group, "critic_mc_explained_var")
+            if math.isnan(ev):  # cells that did not record the fit: against the critic's own targets
+                ev = _nan_mean(group, "critic_explained_var")
+            means = [ev, *(_nan_mean(group, k) for k in ("probe_r2", "prompt_share", "explained_var_ceiling"))]
             shown.append(" / ".join("-" if math.isnan(m) else fixed(m, 3) for m in means) if group else "-")
         lines.append(f"| {variant} | " + " | ".join(shown) + " |")
     return [*lines, ""]
+
+
+def _nan_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """Mean of ``key`` over the rows that have it (nan when none does)."""
+    values = [r[key] for r in rows if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _colors(variants: list[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,17 +240,15 @@ def write_summary(out: Path, config: CriticBenchConfig, command: str, cells: dic
     """``summary.md``: the explained-variance table against the probe, and the distribution table."""
     from dfpo.noisy import _code_version
 
-    versions: dict[str, int] = {}
-    for cell in cells.values():
-        versions[cell.get("code", "not recorded")] = versions.get(cell.get("code", "not recorded"), 0) + 1
     current = _code_version()
+    versions = Counter(cell.get("code", "not recorded") for cell in cells.values())
     measured = (
         f" Cells measured at: {', '.join(f'{v} ({n} cells)' for v, n in versions.items())}."
         if set(versions) != {current} else ""
     )  # fmt: skip
     lines = [
         "# Critic learning", "", f"Command: `{command}`", "",
-        f"Code: dfpo {_code_version()}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"Code: dfpo {current}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}; "
         f"{config.steps} steps of {config.prompts} x {config.samples}, seed {config.seed}, clean rewards; figures "
         f"over the last {config.window} steps.{measured}", "",

@@ -896,9 +896,8 @@ class Trainer:
     def _critic_steps(self, batch: dict[str, Tensor], steps: int, micro: int, width: int) -> dict[str, float]:
         """``steps`` more critic gradient steps on the whole batch (the critic's targets stay those of this step):
         a head on the policy's features (frozen or shared) trains alone from the features saved while scoring, so
-        the policy never moves in them; a separate critic
-        trunk runs its forward and backward again, ``micro`` sequences at a time (0: all at once). Returns the loss
-        and explained variance after them."""
+        the policy never moves in them; a separate critic trunk runs its forward and backward again, ``micro``
+        sequences at a time (0: all at once). Returns the loss and explained variance after them."""
         rows = torch.arange(batch["mask"].shape[0])
         totals = self._totals(batch, torch.arange(batch["global_mask"].shape[0]))
         share = float(batch["mask"].sum() / totals.tokens)  # of the global batch
