@@ -5,7 +5,8 @@ import json
 import pytest
 
 import dfpo.tasks as tasks
-from dfpo.tasks.user import DataError, RewardFunctionError, UserTask, call_reward, load_reward_function
+from dfpo.tasks.rewards import load_reward_function, reward_functions, score_components
+from dfpo.tasks.user import DataError, RewardFunctionError, UserTask
 
 
 def test_registry():
@@ -163,7 +164,8 @@ def test_reward_function_by_file_and_by_dotted_path(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     fn = load_reward_function(f"{tmp_path / 'my_rewards.py'}:length_penalty")
     rows = [{"prompt": "p", "answer": "4", "_row": 1}, {"prompt": "q", "answer": "5", "_row": 2}]
-    assert call_reward(fn, ["4", "skip"], rows) == [pytest.approx(0.99), None]
+    out = score_components(reward_functions(fn), ["4", "skip"], rows)
+    assert out == {"length_penalty": [pytest.approx(0.99), None]}
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_reward_function("my_rewards.length_penalty") is not None
     assert load_reward_function("my_rewards:length_penalty") is not None
@@ -173,10 +175,10 @@ def test_reward_function_errors_name_the_problem(tmp_path, monkeypatch):
     (tmp_path / "bad_rewards.py").write_text(REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     rows = [{"prompt": "p"}, {"prompt": "q"}]
-    with pytest.raises(RewardFunctionError, match="must return a list of 2 floats or None, got list of length 1"):
-        call_reward(load_reward_function("bad_rewards:wrong_length"), ["a", "b"], rows)
-    with pytest.raises(RewardFunctionError, match="returned 'high' for sample 0"):
-        call_reward(load_reward_function("bad_rewards:not_a_number"), ["a", "b"], rows)
+    with pytest.raises(RewardFunctionError, match="'wrong_length' returned list of length 1, not a list of one"):
+        score_components(reward_functions("bad_rewards:wrong_length"), ["a", "b"], rows)
+    with pytest.raises(RewardFunctionError, match=r"'not_a_number' returned 'high' \(expected a finite .* on sample 0"):
+        score_components(reward_functions("bad_rewards:not_a_number"), ["a", "b"], rows)
     with pytest.raises(RewardFunctionError, match="has no function 'missing'"):
         load_reward_function("bad_rewards:missing")
     with pytest.raises(RewardFunctionError, match="cannot import 'no_such_module'"):

@@ -166,7 +166,6 @@ def _trl_run(config: ThroughputConfig) -> dict[str, Any]:
             f"algos=trl needs TRL and datasets ({error.name} is missing): pip install 'dfpo[bench]'"
         ) from None
     import dfpo.tasks as tasks
-    from dfpo.evaluate import render_prompt
     from dfpo.models import load_model
     from dfpo.tasks.presets import preset, task_options_for
     from dfpo.training.trainer import DataOrder
@@ -177,7 +176,7 @@ def _trl_run(config: ThroughputConfig) -> dict[str, Any]:
     model, tokenizer = load_model(chosen.model)
     # the prompts dfpo's trainer draws at seed 0, in its order; TRL keeps the dataset order (shuffle off)
     order = DataOrder(len(train), seed=0).take(config.prompts * (config.steps + 1))
-    rows = [{"prompt": render_prompt(tokenizer, task.messages(train[i])), "index": i} for i in order]
+    rows = [{"prompt": task.prompt_text(tokenizer, train[i]), "index": i} for i in order]
 
     def reward(prompts: list[str], completions: list[str], index: list[int], **_: Any) -> list[float]:
         return [task.score(c, train[i]) for c, i in zip(completions, index, strict=True)]

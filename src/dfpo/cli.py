@@ -179,9 +179,11 @@ def run_train(argv: list[str], command: str) -> dict[str, Any]:
     if not main:
         return evals
     for split, after in evals["after"].items():
-        before = evals.get("before", {}).get(split, {}).get("accuracy")
-        was = "n/a" if before is None else f"{before:.1%}"
-        print(f"train: {split} accuracy {was} -> {after['accuracy']:.1%}")
+        key = "mean_reward" if "mean_reward" in after else "accuracy"  # a task scored by the user's rewards
+        before = evals.get("before", {}).get(split, {}).get(key)
+        shown = (lambda x: f"{x:.3f}") if key == "mean_reward" else (lambda x: f"{x:.1%}")
+        print(f"train: {split} {key.replace('_', ' ')} {'n/a' if before is None else shown(before)} -> "
+              f"{shown(after[key])}")  # fmt: skip
     print(f"train: metrics, eval.json, summary.md and curves.png in {run_dir}")
     return evals
 

@@ -11,14 +11,9 @@ from typing import Any
 
 from dfpo.rollout import generate_batch
 from dfpo.tasks.answers import extract_final_answer
-from dfpo.tasks.base import Task
+from dfpo.tasks.base import Task, render_prompt
 
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The text the model continues: the chat template with the assistant turn opened, or the last user turn."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return messages[-1]["content"] + "\n"
+__all__ = ["evaluate", "generate", "render_prompt", "sampled_metrics"]
 
 
 def generate(
@@ -31,14 +26,24 @@ def generate(
     top_p: float = 1.0,
 ) -> tuple[list[str], list[bool]]:
     """Completions of ``prompts`` and, for each, whether it was cut at ``max_new_tokens`` (no end token)."""
-    texts, truncated = [], []
+    texts, truncated, _ = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+    return texts, truncated
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> tuple[list[str], list[bool], list[list[int]]]:  # fmt: skip
+    """:func:`generate`, with each completion's token ids."""
+    texts, truncated, ids = [], [], []
     for start in range(0, len(prompts), batch_size):
         rollout = generate_batch(
             model, tokenizer, prompts[start : start + batch_size], max_new_tokens, temperature, top_p
         )
         texts += rollout.completions
         truncated += rollout.truncated.tolist()
-    return texts, truncated
+        ids += rollout.completion_ids
+    return texts, truncated, ids
 
 
 def evaluate(
@@ -53,24 +58,31 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy accuracy of ``model`` on ``task``'s ``split`` (or on ``examples`` of the task, when given).
 
-    Returns ``accuracy``, ``n``, ``format_rate`` (share of completions with a marked final answer),
-    ``truncated_rate``, ``verifier_errors`` (during this call), ``seconds``, and one sample completion, plus the
-    task's :meth:`~dfpo.tasks.base.Task.extra_metrics` (e.g. dialogue's ``exact_match``).
+    Returns ``accuracy`` (the mean score over the scored completions: for a task scored by the user's reward
+    functions, the mean reward, also given as ``mean_reward``), ``n``, ``format_rate`` (share of completions with
+    a marked final answer, for tasks that score one), ``truncated_rate``, ``verifier_errors`` (during this call),
+    ``seconds``, and one sample completion, plus the task's :meth:`~dfpo.tasks.base.Task.extra_metrics` (e.g.
+    dialogue's ``exact_match``). The whole split is scored in one ``score_batch`` call.
     """
     examples = task.examples(split, limit) if examples is None else examples
-    prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples]
+    prompts = [task.prompt_text(tokenizer, e) for e in examples]
     errors_before, start = task.verifier_errors, time.perf_counter()
-    completions, truncated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    scores = [task.score(c, e) for c, e in zip(completions, examples, strict=True)]
+    completions, truncated, ids = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    scored = [s for s in task.score_batch(completions, examples, ids) if s is not None]
     n = len(examples)
+    result: dict[str, Any] = {"accuracy": sum(scored) / max(1, len(scored)), "n": n}
+    if not task.marked_answers:
+        result["mean_reward"] = result["accuracy"]
+    else:
+        result["format_rate"] = sum(extract_final_answer(c) is not None for c in completions) / max(1, n)
     return {
-        "accuracy": sum(scores) / n,
-        "n": n,
-        "format_rate": sum(extract_final_answer(c) is not None for c in completions) / n,
-        "truncated_rate": sum(truncated) / n,
+        **result,
+        "truncated_rate": sum(truncated) / max(1, n),
         "verifier_errors": task.verifier_errors - errors_before,
         "seconds": time.perf_counter() - start,
-        "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0]["answer"]},
+        "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0].get("answer")}
+        if examples
+        else {},
         **task.extra_metrics(completions, examples),
     }
 
@@ -85,7 +97,8 @@ def sampled_metrics(
     temperature: float = 1.0,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """``mean@k`` (mean score of ``k`` sampled replies per example) and ``maj@k`` (score of their majority answer).
+    """``mean@k`` (mean score of ``k`` sampled replies per example) and ``maj@k`` (score of their majority answer,
+    for tasks whose completions carry a marked answer).
 
     Draws from torch's global generator: seed it (or fork it) around the call.
     """
@@ -95,12 +108,17 @@ def sampled_metrics(
     mean = majority = 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [render_prompt(tokenizer, task.messages(e)) for e in chunk]
+        prompts = [task.prompt_text(tokenizer, e) for e in chunk]
         rollout = sample(model, tokenizer, prompts, k, max_new_tokens, temperature)
+        scores = task.score_batch(rollout.completions, [e for e in chunk for _ in range(k)], rollout.completion_ids)
         for i, example in enumerate(chunk):
-            replies = rollout.completions[i * k : (i + 1) * k]
-            mean += sum(task.score(c, example) for c in replies) / k
-            answer, _ = majority_vote(task, example, replies)
-            majority += task.score_answer(answer, example) if answer is not None else 0.0
+            mine = [s for s in scores[i * k : (i + 1) * k] if s is not None]
+            mean += sum(mine) / max(1, len(mine))
+            if task.marked_answers:
+                answer, _ = majority_vote(task, example, rollout.completions[i * k : (i + 1) * k])
+                majority += task.score_answer(answer, example) if answer is not None else 0.0
     n = max(1, len(examples))
-    return {f"mean@{k}": mean / n, f"maj@{k}": majority / n}
+    out = {f"mean@{k}": mean / n}
+    if task.marked_answers:
+        out[f"maj@{k}"] = majority / n
+    return out

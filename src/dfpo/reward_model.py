@@ -423,11 +423,17 @@ class RewardModelNoise:
         return self._model
 
     def score(
-        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+        self,
+        task: Task,
+        completions: list[str],
+        examples: list[dict[str, Any]],
+        step: int,
+        first: int = 0,
+        completion_ids: list[list[int]] | None = None,
     ) -> NoisyRewards:
         from dfpo.tasks.noise import NoisyRewards
 
-        true = task.score_batch(completions, examples)
+        true = task.score_batch(completions, examples, completion_ids)
         kept = [i for i, t in enumerate(true) if t is not None]
         scores = self.reward_model().score_batch([examples[i] for i in kept], [completions[i] for i in kept])
         observed: list[float | None] = [None] * len(true)

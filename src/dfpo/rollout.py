@@ -49,6 +49,12 @@ class Rollout:
     def prompt_length(self) -> int:
         return self.input_ids.shape[1] - self.response_mask.shape[1]
 
+    @property
+    def completion_ids(self) -> list[list[int]]:
+        """Each response's generated token ids, without padding."""
+        responses = self.input_ids[:, self.prompt_length :]
+        return [row[keep.bool()].tolist() for row, keep in zip(responses, self.response_mask, strict=True)]
+
 
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     """One rollout of ``parts`` in order: prompts left-padded and responses right-padded to the widest part,

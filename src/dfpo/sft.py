@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dfpo.evaluate import evaluate, render_prompt
+from dfpo.evaluate import evaluate
 from dfpo.tasks.base import Task, target_text
 
 IGNORE = -100
@@ -25,7 +25,7 @@ def sft_batch(tokenizer: Any, task: Task, examples: list[dict[str, Any]]) -> dic
     """``input_ids``, ``attention_mask``, ``labels`` ``[B, L]``, right-padded; labels are -100 on the prompt."""
     rows = []
     for example in examples:
-        prompt = tokenizer(render_prompt(tokenizer, task.messages(example)), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(task.prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
         target = tokenizer(target_text(example), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + target, [IGNORE] * len(prompt) + target))
     length = max(len(ids) for ids, _ in rows)

@@ -36,6 +36,8 @@ class Task(ABC):
     splits: tuple[str, ...] = ("train", "eval")
     system_prompt: str | None = None
     few_shot: int = 0  # worked train examples shown as earlier chat turns, to teach the answer format
+    # completions end in a marked final answer that is scored: format rate and majority votes (maj@k) mean something
+    marked_answers: bool = True
 
     def __init__(self) -> None:
         self.verifier_errors = 0
@@ -48,8 +50,11 @@ class Task(ABC):
     def score(self, completion: str, example: dict[str, Any]) -> float:
         """Reward of ``completion`` for ``example``, in [0, 1]."""
 
-    def score_batch(self, completions: list[str], examples: list[dict[str, Any]]) -> list[float | None]:
-        """Rewards of a batch; ``None`` skips a sample. The default scores each completion on its own."""
+    def score_batch(
+        self, completions: list[str], examples: list[dict[str, Any]], completion_ids: list[list[int]] | None = None
+    ) -> list[float | None]:
+        """Rewards of a batch (``completion_ids``: the generated token ids, for reward functions that read them);
+        ``None`` skips a sample. The default scores each completion on its own."""
         return [self.score(c, e) for c, e in zip(completions, examples, strict=True)]
 
     def vote_answer(self, completion: str, example: dict[str, Any]) -> str | None:
@@ -68,6 +73,10 @@ class Task(ABC):
     def extra_metrics(self, completions: list[str], examples: list[dict[str, Any]]) -> dict[str, float]:
         """Task-specific evaluation metrics, merged into (and overriding) :func:`dfpo.evaluate.evaluate`'s result."""
         return {}
+
+    def prompt_text(self, tokenizer: Any, example: dict[str, Any]) -> str:
+        """The text the model continues for ``example``: its :meth:`messages` in the tokenizer's chat template."""
+        return render_prompt(tokenizer, self.messages(example))
 
     def messages(self, example: dict[str, Any]) -> Messages:
         """Chat messages for the example: ``few_shot`` worked train examples as earlier turns, then the example's
@@ -98,6 +107,13 @@ class Task(ABC):
         self.verifier_errors += 1
         logger.warning("task %s: verifier error #%d on %r: %s", self.name, self.verifier_errors, example, error)
         return 0.0
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The text the model continues: the chat template with the assistant turn opened, or the last user turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return messages[-1]["content"] + "\n"
 
 
 def target_text(example: dict[str, Any]) -> str:

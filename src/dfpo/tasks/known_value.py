@@ -116,7 +116,9 @@ class KnownValue(Task):
         """Reward of one completion; a Bernoulli draw is the one for occurrence 0."""
         return self._reward(completion, example, occurrence=0)
 
-    def score_batch(self, completions: list[str], examples: list[dict[str, Any]]) -> list[float | None]:
+    def score_batch(
+        self, completions: list[str], examples: list[dict[str, Any]], completion_ids: list[list[int]] | None = None
+    ) -> list[float | None]:
         """Rewards of a batch; repeated ``(prompt, completion)`` pairs get the next occurrence's Bernoulli draw."""
         seen: Counter[str] = Counter()
         rewards: list[float | None] = []

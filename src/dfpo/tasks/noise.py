@@ -46,7 +46,13 @@ class NoiseModel(Protocol):
     name: str
 
     def score(
-        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+        self,
+        task: Task,
+        completions: list[str],
+        examples: list[dict[str, Any]],
+        step: int,
+        first: int = 0,
+        completion_ids: list[list[int]] | None = None,
     ) -> NoisyRewards:
         """Observed and true rewards of ``completions`` (one example each) at training step ``step``; ``first`` is
         the index of the first completion in the step's whole batch (a process's share starts there)."""
@@ -62,9 +68,15 @@ class RewardNoise(ABC):
         each reward's sample index in the step's batch, whose draw it gets (default ``0, 1, ...``)."""
 
     def score(
-        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+        self,
+        task: Task,
+        completions: list[str],
+        examples: list[dict[str, Any]],
+        step: int,
+        first: int = 0,
+        completion_ids: list[list[int]] | None = None,
     ) -> NoisyRewards:
-        true = task.score_batch(completions, examples)
+        true = task.score_batch(completions, examples, completion_ids)
         kept = [i for i, r in enumerate(true) if r is not None]
         noisy = self([true[i] for i in kept], step, [first + i for i in kept])
         observed: list[float | None] = [None] * len(true)
@@ -190,9 +202,9 @@ class PseudoLabel:
         """``examples`` with ``pseudo_answer`` set by majority vote, and ``{"accuracy", "abstain_rate",
         "agreement"}``: the share of pseudo-labels that are right, that are missing, and the mean share of the n
         votes that the winning answer got. Sampling is seeded by ``seed``."""
-        from dfpo.evaluate import generate, render_prompt
+        from dfpo.evaluate import generate
 
-        prompts = [render_prompt(tokenizer, task.messages(e)) for e in examples for _ in range(self.n)]
+        prompts = [task.prompt_text(tokenizer, e) for e in examples for _ in range(self.n)]
         torch.manual_seed(self.seed)
         completions, _ = generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
         labelled, right, missing, agreement = [], 0.0, 0, 0.0
@@ -206,11 +218,17 @@ class PseudoLabel:
         return labelled, {"accuracy": right / count, "abstain_rate": missing / count, "agreement": agreement / count}
 
     def score(
-        self, task: Task, completions: list[str], examples: list[dict[str, Any]], step: int, first: int = 0
+        self,
+        task: Task,
+        completions: list[str],
+        examples: list[dict[str, Any]],
+        step: int,
+        first: int = 0,
+        completion_ids: list[list[int]] | None = None,
     ) -> NoisyRewards:
         if examples and "pseudo_answer" not in examples[0]:
             raise ValueError("pseudo_label noise scores against pseudo-labels: call PseudoLabel.label on the examples")
-        true = task.score_batch(completions, examples)
+        true = task.score_batch(completions, examples, completion_ids)
         pseudo = [{**e, "answer": e["pseudo_answer"]} for e in examples]
         observed = [
             None if t is None else (0.0 if e["pseudo_answer"] is None else task.score(c, e))

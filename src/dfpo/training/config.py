@@ -200,7 +200,12 @@ class TrainConfig:
         {}, "keyword options of the task: task_options.<name>=value (tiny + arithmetic: prompt_style=terse)"
     )
     train_limit: int = option(0, "use only the first N training examples (0: the task's whole train split)")
-    noise: str = option("flip(0.2)", "noise on the training reward: clean, flip(p), gaussian(s), pseudo_label(n), ...")
+    noise: str = option(
+        "auto",
+        "noise on the training reward: clean, flip(p), gaussian(s), pseudo_label(n), reward_model; auto: clean for "
+        "task=user (a user's rewards are used as given), reward_model for dialogue, flip(0.2) for the other built-in "
+        "tasks (the noisy-supervision benchmark's default)",
+    )
     steps: int = option(120, "training steps (one rollout batch each)")
     seed: int = option(0, "seed of everything: data order, sampling, noise, initialisation")
     run_dir: str = option("runs/{algo}-{task}-seed{seed}", "output folder; {algo}, {task}, {seed} are filled in")
@@ -259,8 +264,17 @@ def build_config(overrides: list[str], config_file: str | None = None) -> TrainC
     # the algo decides the preset, so find it first (command line over file over default)
     probe = apply_overrides(TrainConfig(), [i for i in [*file_items, *overrides] if i.split("=", 1)[0] == "algo"])
     config = apply_overrides(TrainConfig(), [*algo_overrides(probe.algo), *file_items, *overrides])
+    config = resolve_auto(config)
     validate(config)
     return config
+
+
+def resolve_auto(c: TrainConfig) -> TrainConfig:
+    """``c`` with the settings that depend on others filled in (``noise=auto``)."""
+    if c.noise == "auto":
+        noise = {"user": "clean", "dialogue": "reward_model"}.get(c.task, "flip(0.2)")
+        c = dataclasses.replace(c, noise=noise)
+    return c
 
 
 def _one_of(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:

@@ -107,7 +107,9 @@ def write_report(run_dir: Path, config: Any, evals: dict[str, Any]) -> None:
     lines += ["| split | metric | before | after |", "|---|---|---|---|"]
     for split in after:
         for key, value in after[split].items():
-            if key in ("accuracy", "format_rate") or "@" in key:
+            if key == "accuracy" and "mean_reward" in after[split]:
+                continue  # the same figure, under its name
+            if key in ("accuracy", "format_rate", "mean_reward") or "@" in key:
                 was = before.get(split, {}).get(key)
                 shown = "n/a" if was is None else f"{was:.3f}"
                 lines.append(f"| {split} | {key} | {shown} | {value:.3f} |")

@@ -55,7 +55,7 @@ from dfpo.core.kl import kl_estimate, kl_metrics
 from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
 from dfpo.core.streams import stream_seed
 from dfpo.critics import CriticContext
-from dfpo.evaluate import evaluate, render_prompt, sampled_metrics
+from dfpo.evaluate import evaluate, sampled_metrics
 from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.rollout import (
     Rollout,
@@ -550,7 +550,7 @@ class Trainer:
         examples = [self.train[i] for i in self.data.take(c.rollout.prompts)][first:stop]
         if isinstance(self.noise, PseudoLabel):
             examples = self._pseudo_label(examples)
-        prompts = [render_prompt(self.tokenizer, self.task.messages(e)) for e in examples]
+        prompts = [self.task.prompt_text(self.tokenizer, e) for e in examples]
         self.policy.eval()
         rollout = self._sample(prompts, first)
         times["generate"] = time.perf_counter() - t
@@ -559,7 +559,9 @@ class Trainer:
         t = time.perf_counter()
         group = rollout.prompt_index
         per_seq = [examples[i] for i in group.tolist()]
-        noisy = self.noise.score(self.task, rollout.completions, per_seq, step, first * c.rollout.samples)
+        noisy = self.noise.score(self.task, rollout.completions, per_seq, step, first * c.rollout.samples,
+                                 rollout.completion_ids)  # fmt: skip
+        components = dict(getattr(self.task, "last_components", {}))  # each user reward function's mean
         on = {"device": self.device}
         kept = torch.tensor([o is not None for o in noisy.observed], **on)
         scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32, **on)
@@ -661,6 +663,8 @@ class Trainer:
             "perf/step_s": sum(times.values()),
             **{f"perf/{k}_s": v for k, v in times.items()},
         })  # fmt: skip
+        if components:
+            metrics.update(distributed.mean_metrics({f"reward/{k}": v for k, v in components.items()}, world))
         if isinstance(self.noise, PseudoLabel) and self.pseudo_labels:
             right = [v["right"] for v in self.pseudo_labels.values()]
             metrics["reward/pseudo_label_accuracy"] = sum(right) / len(right)
