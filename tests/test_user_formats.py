@@ -224,3 +224,104 @@ def test_templated_prompts_are_used_as_they_are(tmp_path):
     example = UserTask(str(data), eval_fraction=0).examples("train")[0]
     assert UserTask(str(data), templated=True).prompt_text(tokenizer, example) == "<|raw|> 2+2="
     assert UserTask(str(data)).prompt_text(tokenizer, example) != "<|raw|> 2+2="
+
+
+def _greedy(model, tokenizer, prompt: str) -> str:
+    from dfpo.evaluate import generate
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return generate(model, tokenizer, [prompt], max_new_tokens=12)[0][0]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_writes_a_plain_folder_that_generates_as_the_run_does(lora, tmp_path):
+    """A full and a LoRA run: ``dfpo export`` (and the run's own final/) load with plain transformers and write
+    the same greedy text as the run's policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dfpo.models import load_model
+
+    run = tmp_path / "run"
+    extra = ["actor.lora_rank=4", "actor.lr=1e-2"] if lora else ["actor.lr=1e-3"]
+    args = ["train", "model=tiny", "task=arithmetic", "algo=grpo", "steps=2", "noise=flip(0.4)", "rollout.prompts=2",
+            "rollout.samples=2", "rollout.max_new_tokens=12", "eval.splits=", "log.progress=false", f"run_dir={run}",
+            *extra]  # fmt: skip
+    assert main(args) == 0
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    policy, tokenizer = load_model(str(run))
+    prompt = "3 + 4 ="
+    expected = _greedy(policy, tokenizer, prompt)
+    base = dict(load_model("tiny")[0].named_parameters())
+    for folder in (tmp_path / "out", run / "final"):
+        assert not (folder / "adapter_config.json").exists()
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        moved = max(float((p - base[n]).abs().max().detach()) for n, p in model.named_parameters())
+        assert moved > 0  # training (through the merged adapters, for LoRA) changed the weights
+        plain = AutoTokenizer.from_pretrained(folder)
+        assert _greedy(model, plain, prompt) == expected
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    from dfpo.models import TINY_DIR, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--tiny-lm"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    shutil.copytree(TINY_DIR, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert resolve_model("someone/tiny-lm") == snapshot
+    from dfpo.assets import MissingAssetError
+
+    with pytest.raises(MissingAssetError, match="nor a model in the local Hugging Face cache"):
+        resolve_model("someone/absent-lm")
+
+
+def test_python_api_applies_presets_and_takes_objects_and_callbacks(tmp_path):
+    """``train(TrainConfig(algo="grpo"))`` runs GRPO's preset (no critic), data and rewards go in as Python
+    objects, and callbacks see every step and evaluation."""
+    from dfpo import Callback, TrainConfig, train
+
+    seen: dict[str, list] = {"steps": [], "evals": []}
+
+    class Record(Callback):
+        def on_step_end(self, trainer, step, metrics):
+            seen["steps"].append((step, metrics["reward/observed"]))
+
+        def on_evaluate(self, trainer, step, results):
+            seen["evals"].append((step, sorted(results)))
+
+    def long_enough(completions, **kwargs):
+        return [float(len(c) > 3) for c in completions]
+
+    rows = [{"prompt": f"{a} + {a} ="} for a in range(12)]
+    config = TrainConfig(algo="grpo", model="tiny", task="user", steps=2, run_dir=str(tmp_path / "run"))
+    result = train(config, callbacks=[Record()], task_options={"data": rows, "reward": long_enough},
+                   rollout={"prompts": 2, "samples": 2, "max_new_tokens": 8}, eval={"limit": 2, "samples": 0},
+                   log={"progress": False})  # fmt: skip
+    assert [s for s, _ in seen["steps"]] == [1, 2] and [s for s, _ in seen["evals"]] == [0, 2]
+    assert "mean_reward" in result["after"]["eval"]
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]
+    assert saved["critic"]["kind"] == "none" and saved["advantage"]["estimator"] == "grpo"
+    assert saved["task_options"]["reward"].endswith("long_enough>")
+    assert saved["task_options"]["data"] == "<list of 12 rows in memory>"
+    # the same objects resume the run; its identity is the description, not the objects' addresses
+    train(config, steps=3, resume="auto", task_options={"data": list(rows), "reward": long_enough},
+          rollout={"prompts": 2, "samples": 2, "max_new_tokens": 8}, eval={"limit": 2, "samples": 0},
+          log={"progress": False})  # fmt: skip
+    assert [s for s, _ in seen["steps"]] == [1, 2]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Python\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "api" / "final" / "config.json").exists()

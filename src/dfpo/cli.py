@@ -199,12 +199,31 @@ def run_list(argv: list[str], command: str) -> None:
     for name, algo in ALGOS.items():
         print(f"  {name:13s} {algo.about}")
     print("tasks (task=):\n  " + ", ".join(tasks.names()))
-    print("models (model=):\n  tiny (embedded), smollm2 (SmolLM2-135M-Instruct), or a Hugging Face model folder")
+    print("models (model=):\n  tiny (embedded), smollm2 (SmolLM2-135M-Instruct), a Hugging Face model folder, or a hub "
+          "id in the local Hugging Face cache")  # fmt: skip
     print("noise (noise=):\n  clean, flip(p), gaussian(sigma), pseudo_label(n), reward_model (dialogue)")
     print("task presets (dfpo eval preset=):")
     for name, chosen in PRESETS.items():
         print(f"  {name:20s} {chosen.about}")
     print("configs (dfpo train --config NAME):\n  " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``dfpo export RUN_DIR OUT``: a run's policy (or any model dfpo loads) as a plain ``from_pretrained`` folder,
+    LoRA adapters merged, tokenizer and chat template included."""
+
+    model: str = option("", "a dfpo train run folder (its latest checkpoint's policy), a model folder or name")
+    out: str = option("", "the folder to write (replaced atomically)")
+
+
+def run_export(config: ExportConfig, command: str) -> None:
+    from dfpo.models import export_model
+
+    if not config.model or not config.out:
+        raise ConfigError("usage: dfpo export RUN_DIR OUT (or model=... out=...)")
+    out = export_model(config.model, config.out)
+    print(f"export: {config.model} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
 def _benches() -> dict[str, tuple[type, Any]]:
@@ -240,6 +259,7 @@ VERBS = {
     "train": (None, run_train),
     "list": (None, run_list),
     "bench": (None, run_bench),
+    "export": (ExportConfig, run_export),
 }
 
 
@@ -263,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             print(run.__doc__)
         return 0
     overrides = argv[1:]
-    if argv[0] == "eval" and overrides and "=" not in overrides[0]:
+    if argv[0] in ("eval", "export") and overrides and "=" not in overrides[0]:
         overrides = [f"model={overrides[0]}", *overrides[1:]]  # dfpo eval MODEL_OR_RUN key=value ...
+        if argv[0] == "export" and len(overrides) > 1 and "=" not in overrides[1]:
+            overrides = [overrides[0], f"out={overrides[1]}", *overrides[2:]]  # dfpo export RUN_DIR OUT
     command = " ".join(["dfpo", *argv])
     try:
         if argv[0] in ("train", "list", "bench"):

@@ -98,10 +98,47 @@ def resolve_model(name_or_path: str) -> Path:
         path = path / "checkpoints" / (path / "latest").read_text().strip() / "policy"
     if (path / "config.json").exists() or (path / ADAPTER_CONFIG).exists():
         return path
+    if not path.exists() and (cached := _hub_snapshot(name_or_path)) is not None:
+        return cached
     raise MissingAssetError(
-        f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}) nor a folder with a config.json "
-        "(a Hugging Face causal-LM folder saved with save_pretrained)"
+        f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}), a folder with a config.json (a Hugging "
+        "Face causal-LM folder saved with save_pretrained), nor a model in the local Hugging Face cache (download it "
+        f"first: huggingface-cli download {name_or_path})"
     )
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local folder of Hugging Face model ``repo_id`` in the hub cache, offline; None when it is not there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+    return folder if (folder / "config.json").exists() else None
+
+
+def export_model(source: str, out: str | Path) -> Path:
+    """Write ``source`` (a model name, folder, or ``dfpo train`` run folder: its latest checkpoint's policy) to
+    ``out`` as a plain ``from_pretrained`` folder: LoRA adapters merged into their base, the tokenizer and its chat
+    template beside the weights. Written to a temporary folder and renamed into place."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    folder = resolve_model(source)
+    model, _ = load_model(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)  # as saved, not padded for generation
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load_model(name_or_path: str, dtype: Any = None) -> tuple[Any, Any]:

@@ -588,7 +588,7 @@ def _cell_settings(scale: Scale, budget: dict[str, Any], cell: Cell) -> list[str
         f"seed={cell.seed}", f"steps={budget['steps']}", f"rollout.max_new_tokens={domain.max_new_tokens}",
         *(f"task_options.{k}={v}" for k, v in domain.options.items()), *_curve_settings(budget),
         "log.progress=false", "log.samples_every=0",
-        f"checkpoint.every={scale.checkpoint_every}", "checkpoint.keep=1",
+        f"checkpoint.every={scale.checkpoint_every}", "checkpoint.keep=1", "checkpoint.final=false",
         *domain.settings, *budget["settings"], *extra, *([f"actor.lr={cell.lr}"] if cell.lr else []),
     ]  # fmt: skip
 

@@ -187,6 +187,11 @@ class LogOptions:
 class CheckpointOptions:
     every: int = option(0, "write a checkpoint every this many steps (0: only at the end)")
     keep: int = option(2, "checkpoints to keep (older ones are deleted after a newer one is complete)")
+    final: bool = option(
+        True,
+        "after the last step, also write RUN_DIR/final: the policy as a plain from_pretrained folder (LoRA adapters "
+        "merged, the tokenizer and its chat template included)",
+    )
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,10 @@ class TrainConfig:
     """``dfpo train [--config FILE] [key=value ...]``: RL post-training with DFPO or a baseline."""
 
     algo: str = option("dfpo", "algorithm preset (dfpo list shows them); its settings come before yours")
-    model: str = option("tiny", "'tiny', 'smollm2' or a Hugging Face causal-LM folder")
+    model: str = option(
+        "tiny",
+        "'tiny', 'smollm2', a Hugging Face causal-LM folder, or a hub id already in the local Hugging Face cache",
+    )
     task: str = option("arithmetic", "registered task (dfpo list shows them)")
     task_options: dict = option(
         {}, "keyword options of the task: task_options.<name>=value (tiny + arithmetic: prompt_style=terse)"
@@ -267,6 +275,31 @@ def build_config(overrides: list[str], config_file: str | None = None) -> TrainC
     config = resolve_auto(config)
     validate(config)
     return config
+
+
+def config_record(c: TrainConfig) -> dict[str, Any]:
+    """``c`` as JSON: Python objects in ``task_options`` (data, reward functions from the Python API) by a stable
+    description, so that a resumed run compares equal to the one it continues."""
+
+    def safe(value: Any) -> Any:
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        if isinstance(value, dict):
+            return {str(k): safe(v) for k, v in value.items()}
+        if callable(value):
+            name = getattr(value, "__qualname__", type(value).__name__)
+            return f"<python {getattr(value, '__module__', '?')}.{name}>"
+        plain = (str, int, float, bool, type(None))
+        if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
+            return list(value)
+        if isinstance(value, (list, tuple)) and all(callable(v) for v in value):
+            return [safe(v) for v in value]
+        rows = len(value) if hasattr(value, "__len__") else "?"
+        fingerprint = getattr(value, "_fingerprint", None)
+        suffix = f", fingerprint {fingerprint}" if fingerprint else ""
+        return f"<{type(value).__name__} of {rows} rows in memory{suffix}>"
+
+    return safe(dataclasses.asdict(c))
 
 
 def resolve_auto(c: TrainConfig) -> TrainConfig:

@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,9 @@ from dfpo.rollout import (
 )
 from dfpo.tasks.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
+from dfpo.tasks.user import DataError, RewardFunctionError
 from dfpo.training import checkpoint as ckpt
-from dfpo.training.config import TrainConfig, changed_keys, critic_updates, flow_loss_options
+from dfpo.training.config import TrainConfig, changed_keys, config_record, critic_updates, flow_loss_options
 from dfpo.training.report import MetricsLog, write_report
 
 
@@ -228,9 +230,10 @@ class Trainer:
 
     ``observers``: callables that get a :class:`StepData` every step (append before :meth:`run`)."""
 
-    def __init__(self, config: TrainConfig, command: str = "dfpo train") -> None:
+    def __init__(self, config: TrainConfig, command: str = "dfpo train", callbacks: Sequence[Any] = ()) -> None:
         self.config, self.command = config, command
         self.observers: list[Any] = []
+        self.callbacks = list(callbacks)  # dfpo.api.Callback: on_step_end, on_evaluate
         c = config
         self.world = distributed.setup()
         try:
@@ -256,8 +259,11 @@ class Trainer:
         try:
             self.task = tasks.get(c.task, **task_options_for(c.model, c.task, c.task_options))
             self.train = self.task.examples("train", c.train_limit or None)
+        except (DataError, RewardFunctionError):
+            raise
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"task {c.task!r} with task_options {c.task_options}: {error}") from None
+            options = config_record(c)["task_options"]
+            raise ConfigError(f"task {c.task!r} with task_options {options}: {error}") from None
         if not self.train:
             raise ConfigError(f"task {c.task!r} has no training examples")
         try:
@@ -381,8 +387,9 @@ class Trainer:
         from dfpo.config import apply_overrides, flatten
 
         saved = apply_overrides(TrainConfig(), flatten(state["config"]))
+        current = apply_overrides(TrainConfig(), flatten(config_record(self.config)))
         ignore = ("steps", "resume", "log.", "checkpoint.", "eval.", "threads", "device", "max_bad_steps")
-        differ = changed_keys(saved, self.config, ignore)
+        differ = changed_keys(saved, current, ignore)
         if differ:
             raise ConfigError(
                 f"resume: the config differs from the run's in {', '.join(differ[:6])}; resume with the run's "
@@ -453,11 +460,12 @@ class Trainer:
         eval_path = self.run_dir / "eval.json"
         evals = json.loads(eval_path.read_text()) if self.resume_from and eval_path.exists() else {}
         if self.resume_from is None and main:
-            record = {"command": self.command, "config": dataclasses.asdict(c), "seed": c.seed,
+            record = {"command": self.command, "config": config_record(c), "seed": c.seed,
                       "processes": self.world.size}  # fmt: skip
             _write_json(self.run_dir / "train_config.json", record)
         if self.resume_from is None and evaluating:
             evals = {"before": self.evaluate()}
+            self._callback("on_evaluate", 0, evals["before"])
         # a resumed run forgets evaluations made after its checkpoint, as metrics.jsonl does
         evals["history"] = [h for h in evals.get("history", []) if h["step"] <= self.step]
         if main:
@@ -475,7 +483,9 @@ class Trainer:
                 if main:
                     _write_json(eval_path, evals)
                 metrics.update({f"eval/{s}/{k}": v for s, r in result.items() for k, v in r.items()})
+                self._callback("on_evaluate", self.step, result)
             self.log.write(metrics)
+            self._callback("on_step_end", self.step, metrics)
             bar.update(1)
             bar.set_postfix({
                 "obs": f"{metrics['reward/observed']:.2f}", "true": f"{metrics['reward/true']:.2f}",
@@ -497,6 +507,8 @@ class Trainer:
                 self.save()
         bar.close()
         self.log.close()
+        if main and c.checkpoint.final:
+            self._write_final()
         if not evaluating:
             return evals
         last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
@@ -507,6 +519,21 @@ class Trainer:
         _write_json(eval_path, evals)
         write_report(self.run_dir, c, evals)
         return evals
+
+    def _callback(self, hook: str, step: int, data: dict[str, Any]) -> None:
+        if self.world.main:
+            for callback in self.callbacks:
+                method = getattr(callback, hook, None)
+                if method is not None:
+                    method(self, step, data)
+
+    def _write_final(self) -> None:
+        """``RUN_DIR/final``: the last checkpoint's policy as a plain ``from_pretrained`` folder."""
+        from dfpo.models import export_model
+
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None and ckpt.load_state(latest)["step"] == self.step:
+            export_model(str(self.run_dir), self.run_dir / "final")
 
     def save(self) -> Path:
         """Rank 0 writes the checkpoint (every rank holds the same weights, optimizer states and random stream);
@@ -529,7 +556,7 @@ class Trainer:
 
     def _save(self, whole: dict[str, Any] | None = None) -> Path:
         state = {
-            "config": dataclasses.asdict(self.config),
+            "config": config_record(self.config),
             "data": self.data.state(),
             "bad_steps": self.bad_steps,
             "pseudo_labels": self.pseudo_labels,
