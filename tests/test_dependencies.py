@@ -27,3 +27,27 @@ def test_core_and_critics_import_only_torch_and_stdlib(package):
                 if top not in ALLOWED and not inside:
                     offenders.append(f"{path.relative_to(SRC)}: {name}")
     assert not offenders, offenders
+
+
+def test_dependencies_are_ranges_and_the_tested_versions_are_pinned_apart():
+    """pyproject.toml declares ranges (dfpo installs beside TRL, verl or vLLM); constraints.txt pins each of them,
+    and every extra's package, at the version CI tests."""
+    import re
+    import tomllib
+
+    root = SRC.parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+
+    def name_of(requirement: str) -> str:
+        return re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower()
+
+    assert not [r for r in project["dependencies"] if "==" in r]
+    extras = [r for group in project["optional-dependencies"].values() for r in group if not r.startswith("dfpo[")]
+    unpinned = [r for r in [*project["dependencies"], *extras] if name_of(r) not in pins and name_of(r) != "vllm"]
+    assert not unpinned, unpinned

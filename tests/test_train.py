@@ -341,9 +341,16 @@ def test_eval_and_list_commands_know_runs_and_algorithms(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "algo=rloo", "steps=1", f"run_dir={run_dir}", *SMALL]) == 0
     capsys.readouterr()
-    assert main(["eval", str(run_dir), "limit=4"]) == 0  # the run's task and options, by default
+    # the run's task, options and evaluation settings, by default: its own after-training figures again
+    assert main(["eval", str(run_dir), f"out={tmp_path / 'again.json'}"]) == 0
     shown = capsys.readouterr().out
-    assert "on arithmetic/eval (n=4)" in shown and "format_rate=1.000" in shown
+    assert "the run's settings" in shown and "on arithmetic/eval (n=4)" in shown
+    again = json.loads((tmp_path / "again.json").read_text())["splits"]["eval"]
+    after = json.loads((run_dir / "eval.json").read_text())["after"]["eval"]
+    for key in ("accuracy", "format_rate", "mean@4", "maj@4"):
+        assert again[key] == after[key], key
+    assert main(["eval", str(run_dir), "max_new_tokens=64"]) == 0  # a key given wins over the run's
+    assert "format_rate=1.000" in capsys.readouterr().out
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ALGOS) and "pseudo_label(n)" in listing and "smollm2" in listing

@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ class MissingAssetError(RuntimeError):
     """An asset's package is not installed, or does not hold the expected file."""
 
 
-def missing_package(needed_for: str, requirement: str, no_deps: bool = False) -> MissingAssetError:
-    """The error for an uninstalled package: what needs it and the command that installs it."""
-    flags = "--no-deps " if no_deps else ""
+def missing_package(needed_for: str, requirement: str, no_deps: bool = False, extra: str = "") -> MissingAssetError:
+    """The error for an uninstalled package: what needs it and the command that installs it (``extra``: the dfpo
+    extra that declares it)."""
+    name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
+    command = f"pip install 'dfpo[{extra}]'" if extra else f"pip install {'--no-deps ' if no_deps else ''}{requirement}"
     return MissingAssetError(
-        f"{needed_for}: package {requirement.split('==')[0]!r} is not installed; install it with "
-        f"`pip install {flags}{requirement}`, or run `make test` which installs everything"
+        f"{needed_for}: package {name!r} is not installed; install it with `{command}`, or run `make test` which "
+        "installs everything"
     )
 
 

@@ -100,7 +100,8 @@ class EvalConfig:
     out: str = option("", "write the results as JSON to this file (atomically); empty: print only")
 
 
-def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
+def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``given``: the keys set on the command line (they win over a run folder's own evaluation settings)."""
     import torch
 
     from dfpo.evaluate import evaluate, sampled_metrics
@@ -122,21 +123,33 @@ def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
         model_name = chosen.model if config.model == defaults.model else config.model
     run_record = Path(model_name) / "train_config.json"
     if run_record.exists() and (config.task, config.task_options) == (EvalConfig.task, {}):
-        # a dfpo train run folder: by default, evaluate on the task it was trained on, read the way it was
+        # a dfpo train run folder: by default, evaluate on the task it was trained on, read the way it was, with
+        # the run's own evaluation settings (so that its summary.md figure is reproduced)
         trained = json.loads(run_record.read_text())["config"]
         task_name = trained["task"]
         options = task_options_for(trained["model"], task_name, trained["task_options"])
+        in_memory = [k for k, v in options.items() if isinstance(v, str) and v.startswith("<") and v.endswith(">")]
+        if in_memory:
+            raise ConfigError(
+                f"the run was given {', '.join(in_memory)} as Python objects ({options[in_memory[0]]}): evaluate it "
+                f"from Python, or name them here, e.g. dfpo eval {model_name} task={task_name} "
+                f"task_options.{in_memory[0]}=..."
+            )
+        config = _run_eval_settings(config, trained, given)
+        max_new = config.max_new_tokens
     task = _build_task(task_name, task_options_for(model_name, task_name, options))
     model, tokenizer = load_model(model_name)
     model.eval()
     results: dict[str, Any] = {"command": command, "config": dataclasses.asdict(config), "splits": {}}
     for split in config.splits.split(","):
-        r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=32)
+        # the trainer's batch sizes: left padding makes batched greedy decoding depend on them, a little
+        r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=64)
         r.pop("sample")
         if config.samples > 0:
             torch.manual_seed(config.seed)
             examples = task.examples(split, config.limit)
-            r.update(sampled_metrics(model, tokenizer, task, examples, config.samples, max_new, config.temperature))
+            r.update(sampled_metrics(model, tokenizer, task, examples, config.samples, max_new, config.temperature,
+                                     batch_size=32))  # fmt: skip
         results["splits"][split] = r
         shown = " ".join(f"{key}={value:.3f}" for key, value in r.items() if isinstance(value, float))
         print(f"eval {model_name} on {task_name}/{split} (n={r['n']}): {shown}")
@@ -147,6 +160,23 @@ def run_eval(config: EvalConfig, command: str) -> dict[str, Any]:
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, out)
     return results
+
+
+def _run_eval_settings(config: EvalConfig, trained: dict[str, Any], given: frozenset[str]) -> EvalConfig:
+    """``config`` with the keys not ``given`` taken from a run's own evaluation settings."""
+    default = EvalConfig()
+    run = {
+        "splits": trained["eval"]["splits"] or default.splits,
+        "limit": trained["eval"]["limit"],
+        "max_new_tokens": trained["eval"]["max_new_tokens"] or trained["rollout"]["max_new_tokens"],
+        "samples": trained["eval"]["samples"],
+        "temperature": trained["rollout"]["temperature"],
+        "seed": trained["seed"],
+    }
+    chosen = {k: v for k, v in run.items() if k not in given}
+    if chosen:
+        print("eval: the run's settings: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    return dataclasses.replace(config, **chosen)
 
 
 def _build_task(name: str, options: dict[str, Any]) -> Any:
@@ -184,7 +214,8 @@ def run_train(argv: list[str], command: str) -> dict[str, Any]:
         shown = (lambda x: f"{x:.3f}") if key == "mean_reward" else (lambda x: f"{x:.1%}")
         print(f"train: {split} {key.replace('_', ' ')} {'n/a' if before is None else shown(before)} -> "
               f"{shown(after[key])}")  # fmt: skip
-    print(f"train: metrics, eval.json, summary.md and curves.png in {run_dir}")
+    drawn = " and curves.png" if (run_dir / "curves.png").exists() else ""
+    print(f"train: metrics, eval.json, summary.md{drawn} in {run_dir}")
     return evals
 
 
@@ -291,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in ("train", "list", "bench"):
             run(overrides, command)
+        elif argv[0] == "eval":
+            given = frozenset(o.split("=", 1)[0].strip() for o in overrides if "=" in o)
+            run_eval(apply_overrides(EvalConfig(), overrides), command, given)
         else:
             run(apply_overrides(config_type(), overrides), command)
     except ConfigError as error:

@@ -51,6 +51,8 @@ def _convert_smollm2(dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise missing_package("converting SmolLM2-135M-Instruct's GGUF file (once)", "gguf", extra="smollm2")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -32,7 +32,7 @@ def _generate(generators: dict[str, dict[str, Any]], size: int, seed: int) -> li
     try:
         import reasoning_gym
     except ImportError as error:
-        raise missing_package("the math task's training problems", "reasoning-gym==0.1.25") from error
+        raise missing_package("the math task's training problems", "reasoning-gym", extra="math") from error
     per = -(-size // len(generators))
     out = []
     for index, (name, config) in enumerate(sorted(generators.items())):

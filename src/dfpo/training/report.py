@@ -23,6 +23,7 @@ Metric names (all per step):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -53,13 +54,15 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise missing_package("TensorBoard logging (log.tensorboard=true)", "tensorboard==2.21.0") from None
+                raise missing_package(
+                    "TensorBoard logging (log.tensorboard=true)", "tensorboard", extra="tensorboard"
+                ) from None
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         if options.wandb:
             try:
                 import wandb
             except ImportError:
-                raise missing_package("wandb logging (log.wandb=true)", "wandb==0.31.0") from None
+                raise missing_package("wandb logging (log.wandb=true)", "wandb", extra="wandb") from None
             self.wandb = wandb.init(mode="offline", dir=str(run_dir), project="dfpo", name=run_dir.name)
 
     def write(self, metrics: dict[str, Any]) -> None:
@@ -123,8 +126,10 @@ def write_report(run_dir: Path, config: Any, evals: dict[str, Any]) -> None:
             f"Steps: {metrics[-1]['step']}; training time {seconds:.0f} s (without evaluation).",
             f"Reward over the last {len(tail)} steps: observed {obs:.3f}, true {true:.3f}.",
         ]
+    if metrics and importlib.util.find_spec("matplotlib") is None:
+        lines += ["", "curves.png was not drawn: matplotlib is not installed (pip install 'dfpo[plots]')."]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    if metrics:
+    if metrics and importlib.util.find_spec("matplotlib") is not None:
         _plot(run_dir / "curves.png", metrics, evals)
 
 
