@@ -94,7 +94,7 @@ def test_reward_only_data_trains_and_evaluates_with_its_reward(tmp_path):
     rows = [{"prompt": f"Say hi to {name}."} for name in ("Ann", "Bob", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")] * 2
     data = _write_jsonl(tmp_path / "data.jsonl", rows)
     run = tmp_path / "run"
-    assert main(["train", *TINY, "steps=1", f"task_options.data={data}", "task_options.eval_fraction=0.25",
+    assert main(["train", *TINY, "steps=2", f"task_options.data={data}", "task_options.eval_fraction=0.25",
                  f"task_options.reward={tmp_path / 'rewards.py'}:says_hi", f"run_dir={run}"]) == 0  # fmt: skip
     after = json.loads((run / "eval.json").read_text())["after"]["eval"]
     assert after["n"] == 4 and 0.0 <= after["mean_reward"] <= 1.0 and "mean@2" in after
