@@ -325,3 +325,13 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "api" / "final" / "config.json").exists()
+
+
+def test_flipping_a_graded_user_reward_is_a_named_error(tmp_path, capsys):
+    (tmp_path / "rewards.py").write_text("def half(completions, **kw):\n    return [0.5] * len(completions)\n")
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Hello"}] * 8)
+    code = main(["train", *TINY, "steps=1", f"task_options.data={data}", "eval.splits=", "noise=flip(0.2)",
+                 f"task_options.reward={tmp_path / 'rewards.py'}:half", f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "NoiseError: noise=flip(0.2) needs binary rewards (0 or 1), but the reward was 0.5" in err

@@ -70,7 +70,7 @@ def test_flip_is_deterministic_by_seed_and_step_and_realises_its_rate():
 
 
 def test_flip_refuses_graded_rewards():
-    with pytest.raises(ValueError, match=r"binary rewards \(0 or 1\), got 0.5 at index 1; use gaussian"):
+    with pytest.raises(ValueError, match=r"binary rewards \(0 or 1\), but the reward was 0.5 for sample 1: use"):
         Flip(0.1)([1.0, 0.5], step=0)
 
 

@@ -345,11 +345,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that name a problem with the user's input or environment and its fix: shown without a traceback."""
     from dfpo.assets import MissingAssetError
     from dfpo.noisy import CellFailed
+    from dfpo.tasks.noise import NoiseError
     from dfpo.tasks.user import DataError, RewardFunctionError
     from dfpo.training.checkpoint import CheckpointError
     from dfpo.training.trainer import TrainingDiverged
 
-    return MissingAssetError, DataError, RewardFunctionError, CheckpointError, TrainingDiverged, CellFailed
+    return MissingAssetError, DataError, RewardFunctionError, NoiseError, CheckpointError, TrainingDiverged, CellFailed
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from dfpo.tasks.base import Task
 
 
+class NoiseError(ValueError):
+    """A noise model that cannot apply to the rewards it was given (flips of a graded reward)."""
+
+
 @dataclass(frozen=True)
 class NoisyRewards:
     """Rewards of one batch: ``observed`` (what the learner gets), ``true``, and the realised noise ``rate``
@@ -125,8 +129,9 @@ class Flip(RewardNoise):
         bad = [(i, r) for i, r in enumerate(true_rewards) if r not in (0.0, 1.0)]
         if bad:
             i, r = bad[0]
-            raise ValueError(
-                f"flip noise needs binary rewards (0 or 1), got {r} at index {i}; use gaussian(sigma) for graded scores"
+            raise NoiseError(
+                f"noise=flip({self.p}) needs binary rewards (0 or 1), but the reward was {r} for sample {i}: use "
+                "noise=gaussian(sigma) for graded scores, or noise=clean"
             )
         flips = _draws("uniform", self.seed, step, index, len(true_rewards)) < self.p
         observed = [1.0 - r if f else r for r, f in zip(true_rewards, flips.tolist(), strict=True)]
