@@ -330,7 +330,8 @@ def test_a_run_dir_is_never_overwritten_and_resume_checks_the_config(tmp_path, c
     args = ["train", "algo=grpo", "steps=1", f"run_dir={run_dir}", *SMALL]
     assert main(args) == 0
     assert main(args) == 2
-    assert "already holds a run: continue it with resume=auto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "continue it with resume=auto" in err
     assert main([*args, "resume=auto", "actor.lr=0.1"]) == 2
     assert "the config differs from the run's in actor.lr" in capsys.readouterr().err
     assert main([*args[:2], "steps=2", *args[3:], "resume=auto"]) == 0

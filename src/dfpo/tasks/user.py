@@ -106,7 +106,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _pick_split(loaded: Any, split: str, source: str) -> Any:
-    if isinstance(loaded, dict) or (hasattr(loaded, "keys") and not hasattr(loaded, "column_names")):
+    if isinstance(loaded, dict):  # a DatasetDict is a dict of splits
         if split not in loaded:
             raise DataError(f"data {source}: no split {split!r}; it has {', '.join(loaded)} (set task_options.split)")
         return loaded[split]

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,8 @@ def save_checkpoint(
     number of processes, sharded or not, resumes from the checkpoint."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*"):  # temporary folders of writes that a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:06d}"
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
@@ -101,9 +105,24 @@ def save_checkpoint(
     pointer = run_dir / f".{LATEST}.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, run_dir / LATEST)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []:
+    for old in _by_step(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _by_step(root: Path) -> list[Path]:
+    """The ``step_N`` folders under ``root``, by step number (not by name: step_1000000 follows step_999999)."""
+    found = [
+        (int(m.group(1)), p) for p in root.glob("step_*") if p.is_dir() and (m := re.fullmatch(r"step_(\d+)", p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+_FILES = ("state.json", "modules.safetensors", "optimizers.pt", "rng.safetensors")
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).exists() for f in _FILES) and (path / "policy").is_dir()
 
 
 def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -119,26 +138,50 @@ def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``RUN_DIR/latest`` points at, or ``None`` when the run has none."""
+    """The checkpoint ``RUN_DIR/latest`` points at, or ``None`` when the run has none. A missing or broken pointer
+    (deleted, damaged, or naming a folder that is not a complete checkpoint of this run) is recovered from the newest
+    complete checkpoint, said in one line, and rewritten."""
     pointer = run_dir / LATEST
-    if not pointer.exists():
+    root = run_dir / "checkpoints"
+    problem = None
+    if pointer.exists():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            name, problem = "", f"cannot be read ({error})"
+        path = root / name
+        if problem is None and (not re.fullmatch(r"step_\d+", name) or not _complete(path)):
+            problem = f"names {name!r}, which is not a complete checkpoint in {root}"
+        if problem is None:
+            return path
+    complete = [p for p in _by_step(root) if _complete(p)] if root.is_dir() else []
+    if not complete:
+        if problem is not None:
+            raise CheckpointError(
+                f"{pointer} {problem}, and {root} holds no complete checkpoint: start over in a new run_dir (or "
+                "delete this one)"
+            )
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "state.json").exists():
-        raise CheckpointError(
-            f"{pointer} points at {path}, which is not a complete checkpoint; point it at another folder in "
-            f"{run_dir / 'checkpoints'} or start a new run_dir"
-        )
-    return path
+    newest = complete[-1]
+    why = "is missing" if problem is None else problem
+    print(f"resume: {pointer} {why}; using the newest complete checkpoint, {newest.name}", file=sys.stderr)
+    tmp = run_dir / f".{LATEST}.tmp"
+    tmp.write_text(newest.name + "\n")
+    os.replace(tmp, pointer)
+    return newest
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds an earlier run's checkpoints or metrics (which a fresh start would overwrite)."""
+    root = run_dir / "checkpoints"
+    return (run_dir / LATEST).exists() or bool(root.is_dir() and _by_step(root)) or (run_dir / "metrics.jsonl").exists()
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"checkpoint {checkpoint}: cannot read state.json ({error}); use another checkpoint"
-        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _damaged(checkpoint / "state.json", error) from None
 
 
 def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any]) -> None:
@@ -147,38 +190,71 @@ def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers:
     load_optimizers(checkpoint, optimizers)
 
 
-def _damaged(checkpoint: Path, error: Exception) -> CheckpointError:
+def _damaged(path: Path, error: Exception) -> CheckpointError:
     if isinstance(error, CheckpointError):
         return error
-    return CheckpointError(f"checkpoint {checkpoint} is damaged or incomplete ({error}); use another one")
+    return CheckpointError(
+        f"{path} is damaged or incomplete ({type(error).__name__}: {error}); resume from another checkpoint "
+        f"(resume=<folder in {path.parent.parent}>) or start over in a new run_dir"
+    )
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf: a run resumed from them could only diverge."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or inf weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); resume from an "
+            "earlier checkpoint (resume=<folder>) or start over"
+        )
 
 
 def load_modules(checkpoint: Path, modules: dict[str, torch.nn.Module]) -> None:
     """Restore the weights of ``modules`` (whole, unsharded modules) from ``checkpoint``."""
+    path = checkpoint / "modules.safetensors"
     try:
-        tensors = load_file(checkpoint / "modules.safetensors")
-        for key, module in modules.items():
-            prefix = f"{key}."
-            own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        tensors = load_file(path)
+    except Exception as error:  # safetensors' own error type, OSError, ...
+        raise _damaged(path, error) from None
+    check_finite(path, tensors)
+    for key, module in modules.items():
+        prefix = f"{key}."
+        own = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        try:
             missing, unexpected = module.load_state_dict(own, strict=False)
-            tied = {name for name, _ in module.state_dict().items()} - {n for n, _ in _tensors(module)}
-            missing = [m for m in missing if m not in tied]
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint}: {key} does not match this config (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]}); resume with the config the run was started with"
-                )
-    except (OSError, KeyError, RuntimeError) as error:
-        raise _damaged(checkpoint, error) from None
+        except RuntimeError as error:  # a shape that does not match
+            raise CheckpointError(
+                f"{path}: {key} does not match this config ({error}); resume with the config the run was started with"
+            ) from None
+        tied = {name for name, _ in module.state_dict().items()} - {n for n, _ in _tensors(module)}
+        missing = [m for m in missing if m not in tied]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: {key} does not match this config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}); resume with the config the run was started with"
+            )
 
 
 def load_optimizers(checkpoint: Path, optimizers: dict[str, Any]) -> None:
     """Restore optimizer and scheduler states and the random streams from ``checkpoint``."""
+    path = checkpoint / "optimizers.pt"
     try:
         # on the CPU: each optimizer moves its state to its parameters' device (a run may resume on another)
-        saved = torch.load(checkpoint / "optimizers.pt", weights_only=True, map_location="cpu")
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # UnpicklingError, a truncated zip (RuntimeError), OSError, ...
+        raise _damaged(path, error) from None
+    try:
         for key, optimizer in optimizers.items():
             optimizer.load_state_dict(saved[key])
-        set_rng_state(load_file(checkpoint / "rng.safetensors"), load_state(checkpoint)["rng"])
-    except (OSError, KeyError, RuntimeError) as error:
-        raise _damaged(checkpoint, error) from None
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(
+            f"{path}: the optimizer states do not match this run ({type(error).__name__}: {error}); resume with the "
+            "config the run was started with"
+        ) from None
+    path = checkpoint / "rng.safetensors"
+    try:
+        set_rng_state(load_file(path), load_state(checkpoint)["rng"])
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise _damaged(path, error) from None

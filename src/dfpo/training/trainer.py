@@ -245,13 +245,17 @@ class Trainer:
             torch.set_num_threads(c.threads)
         self.run_dir = c.resolved_run_dir
         self.resume_from = self._find_resume()
-        if self.resume_from is None and (self.run_dir / ckpt.LATEST).exists():
+        if self.resume_from is None and not c.resume and ckpt.holds_a_run(self.run_dir):
             raise ConfigError(
-                f"run_dir {self.run_dir} already holds a run: continue it with resume=auto, or choose another run_dir"
+                f"run_dir {self.run_dir} already holds a run (its checkpoints or metrics.jsonl): continue it with "
+                "resume=auto, or start over in another run_dir (or delete this one)"
             )
         state = ckpt.load_state(self.resume_from) if self.resume_from else None
         if state is not None:
             self._check_resume_config(state)
+            if self.world.main:
+                print(f"resume: {self.run_dir} continues from step {state['step']} ({self.resume_from})",
+                      file=sys.stderr)  # fmt: skip
         self._seed(c.seed)
 
         import dfpo.tasks as tasks
@@ -274,12 +278,15 @@ class Trainer:
         if c.actor.lora_rank:  # adapters on the starting model: new ones, or the checkpoint's
             self.policy, self.tokenizer = load_model(c.model)
             if self.resume_from:
-                self.policy = load_adapters(self.policy, self.resume_from / "policy", trainable=True)
+                self.policy = self._checkpoint_policy(
+                    lambda folder: (load_adapters(self.policy, folder, trainable=True), self.tokenizer)
+                )[0]
             else:
                 self.policy = add_lora(self.policy, c.actor.lora_rank, c.actor.lora_alpha, c.actor.lora_targets)
+        elif self.resume_from:
+            self.policy, self.tokenizer = self._checkpoint_policy(lambda folder: load_model(str(folder)))
         else:
-            policy_source = str(self.resume_from / "policy") if self.resume_from else c.model
-            self.policy, self.tokenizer = load_model(policy_source)
+            self.policy, self.tokenizer = load_model(c.model)
         self.hidden_size = self.policy.config.hidden_size
         needs_ref = c.kl.mode != "none" or c.actor.loss == "flowrl" or isinstance(self.noise, PseudoLabel)
         self.ref = self._frozen(load_model(c.model)[0]) if needs_ref else None
@@ -376,6 +383,24 @@ class Trainer:
             for low, full in zip(self.rollout_policy.parameters(), self.policy.parameters(), strict=True):
                 low.copy_(full)
 
+    def _checkpoint_policy(self, load: Any) -> tuple[Any, Any]:
+        """``load(folder)`` of the resumed checkpoint's ``policy/``, its failures and NaN or inf weights named as a
+        damaged checkpoint."""
+        folder = self.resume_from / "policy"
+        if not folder.is_dir():
+            raise ckpt.CheckpointError(
+                f"{folder} is missing; resume from another checkpoint (resume=<folder>) or start over in a new run_dir"
+            )
+        try:
+            policy, tokenizer = load(folder)
+        except Exception as error:  # safetensors' error, OSError, a JSON error in a config, ...
+            raise ckpt.CheckpointError(
+                f"{folder} is damaged or incomplete ({type(error).__name__}: {error}); resume from another checkpoint "
+                "(resume=<folder>) or start over in a new run_dir"
+            ) from None
+        ckpt.check_finite(folder, dict(policy.named_parameters()))
+        return policy, tokenizer
+
     def _find_resume(self) -> Path | None:
         if not self.config.resume:
             return None
@@ -388,7 +413,8 @@ class Trainer:
 
         saved = apply_overrides(TrainConfig(), flatten(state["config"]))
         current = apply_overrides(TrainConfig(), flatten(config_record(self.config)))
-        ignore = ("steps", "resume", "log.", "checkpoint.", "eval.", "threads", "device", "max_bad_steps")
+        # run_dir is where the run is, not what it is: a moved or copied run folder resumes
+        ignore = ("steps", "resume", "run_dir", "log.", "checkpoint.", "eval.", "threads", "device", "max_bad_steps")
         differ = changed_keys(saved, current, ignore)
         if differ:
             raise ConfigError(

@@ -1,0 +1,111 @@
+"""Nothing lost, nothing silently restarted: damaged checkpoints and pointers, moved run folders."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dfpo.cli import main
+from dfpo.training import checkpoint as ckpt
+
+SMALL = [
+    "model=tiny", "task=arithmetic", "algo=grpo", "rollout.prompts=2", "rollout.samples=2",
+    "rollout.max_new_tokens=12", "eval.splits=", "log.progress=false", "checkpoint.every=1", "checkpoint.keep=3",
+    "checkpoint.final=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A 2-step run with a checkpoint after each step."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", *SMALL, "steps=2", f"run_dir={run}"]) == 0
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_missing_pointer_is_recovered_and_a_fresh_start_is_refused(finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path)
+    (run / "latest").unlink()
+    assert main(["train", *SMALL, "steps=3", f"run_dir={run}"]) == 2  # no silent restart over the old run
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "resume=auto" in err
+    assert main(["train", *SMALL, "steps=3", f"run_dir={run}", "resume=auto"]) == 0
+    err = capsys.readouterr().err
+    assert "latest is missing; using the newest complete checkpoint, step_000002" in err
+    assert "continues from step 2" in err
+    assert _steps(run) == [1, 2, 3] and (run / "latest").read_text().strip() == "step_000003"
+
+
+def test_a_pointer_to_a_half_written_checkpoint_falls_back(finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path)
+    (run / "checkpoints" / "step_000002" / "optimizers.pt").unlink()  # as if killed while writing
+    (run / "checkpoints" / ".step_000003-abc").mkdir()  # a temporary folder a kill left behind
+    assert main(["train", *SMALL, "steps=3", f"run_dir={run}", "resume=auto"]) == 0
+    err = capsys.readouterr().err
+    assert "names 'step_000002', which is not a complete checkpoint" in err and "step_000001" in err
+    assert "continues from step 1" in err
+    assert not list((run / "checkpoints").glob(".step_*"))  # stale temporary folders are removed
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate modules.safetensors", "modules.safetensors is damaged or incomplete"),
+        ("garble optimizers.pt", "optimizers.pt is damaged or incomplete"),
+        ("delete policy", "policy is missing"),
+        ("truncate policy", "policy is damaged or incomplete"),
+        ("nan weights", "holds NaN or inf weights"),
+    ],
+)
+def test_a_damaged_checkpoint_is_a_named_error(damage, message, finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path)
+    step = run / "checkpoints" / "step_000002"
+    if damage == "truncate modules.safetensors":
+        data = (step / "modules.safetensors").read_bytes()
+        (step / "modules.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "garble optimizers.pt":
+        (step / "optimizers.pt").write_bytes(b"not a checkpoint")
+    elif damage == "delete policy":
+        shutil.rmtree(step / "policy")
+    elif damage == "truncate policy":
+        weights = next((step / "policy").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # the policy's weights (GRPO has no critic modules)
+        weights = next((step / "policy").glob("*.safetensors"))
+        tensors = load_file(weights)
+        name = next(n for n, t in tensors.items() if t.is_floating_point())
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+        save_file(tensors, weights, metadata={"format": "pt"})
+    if damage == "delete policy":  # then the checkpoint is incomplete: resume=auto falls back to step 1
+        assert main(["train", *SMALL, "steps=3", f"run_dir={run}", f"resume={step}"]) == 1
+    else:
+        assert main(["train", *SMALL, "steps=3", f"run_dir={run}", "resume=auto"]) == 1
+    err = capsys.readouterr().err
+    assert "CheckpointError" in err and message in err and "Traceback" not in err
+
+
+def test_a_moved_run_folder_resumes(finished, tmp_path):
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(finished, moved)
+    assert main(["train", *SMALL, "steps=3", f"run_dir={moved}", "resume=auto"]) == 0
+    assert _steps(moved) == [1, 2, 3]
+
+
+def test_pruning_keeps_the_newest_by_step_number(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (999_999, 1_000_000, 2):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+    assert [p.name for p in ckpt._by_step(root)] == ["step_000002", "step_999999", "step_1000000"]
