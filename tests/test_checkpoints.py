@@ -109,3 +109,41 @@ def test_pruning_keeps_the_newest_by_step_number(tmp_path):
     for step in (999_999, 1_000_000, 2):
         (root / f"step_{step:06d}").mkdir(parents=True)
     assert [p.name for p in ckpt._by_step(root)] == ["step_000002", "step_999999", "step_1000000"]
+
+
+def _timing_free(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "time"))} for r in rows]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_last_step_and_the_run_resumes_exactly(signum, tmp_path):
+    """SIGTERM or SIGINT mid-run: the step in progress finishes, a checkpoint of it is written (with
+    checkpoint.every=0, no other), the process says where and exits 130; resume=auto then ends where an
+    uninterrupted run ends, metric for metric."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "dfpo", "train", *[a for a in SMALL if not a.startswith("checkpoint.every")],
+            "checkpoint.every=0", "steps=8"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run([*args, f"run_dir={whole}"], env=env, check=True, capture_output=True)
+    run = tmp_path / "run"
+    child = subprocess.Popen([*args, f"run_dir={run}"], env=env, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(getattr(signal, signum))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130, err
+    steps = _steps(run)
+    assert 2 <= steps[-1] < 8
+    assert f"interrupted after step {steps[-1]}; the last checkpoint is {run}/checkpoints/step_{steps[-1]:06d}" in err
+    assert "resume=auto" in err and "Traceback" not in err
+    subprocess.run([*args, f"run_dir={run}", "resume=auto"], env=env, check=True, capture_output=True)
+    assert _timing_free(run) == _timing_free(whole)

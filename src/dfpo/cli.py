@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"dfpo {argv[0]}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"dfpo {argv[0]}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"dfpo {argv[0]}: {error or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as error:
         if not isinstance(error, _user_errors()):

@@ -36,7 +36,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +80,38 @@ from dfpo.training.report import MetricsLog, write_report
 
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a NaN or inf loss or gradient."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message says what was kept and how to continue."""
+
+
+class _Signals:
+    """SIGINT and SIGTERM during training: the first asks the run to stop after the step in progress (which then
+    writes a checkpoint); a second one, or one outside the step loop, abandons at once. Handlers are installed only
+    in the main thread and restored afterwards."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_loop = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None or not self.in_loop:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (again: stop now)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 class DataOrder:
@@ -499,6 +533,27 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.log.progress and main), file=sys.stderr,
                    desc=c.algo, dynamic_ncols=True)  # fmt: skip
+        with _Signals() as signals:
+            self._loop(bar, evals, eval_path, evaluating, signals)
+        bar.close()
+        self.log.close()
+        if main and c.checkpoint.final:
+            self._write_final()
+        if not evaluating:
+            return evals
+        last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
+        if not main:
+            return evals
+        evals["after"] = {k: v for k, v in last.items() if k != "step"}
+        evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
+        _write_json(eval_path, evals)
+        write_report(self.run_dir, c, evals)
+        return evals
+
+    def _loop(self, bar: Any, evals: dict[str, Any], eval_path: Path, evaluating: bool, signals: _Signals) -> None:
+        """Steps until ``config.steps``, or until a signal asks to stop (every process stops at the same step)."""
+        c, main = self.config, self.world.main
+        signals.in_loop = True  # from here a signal lets the step in progress finish and be checkpointed
         while self.step < c.steps:
             self.step += 1
             metrics = self.train_step()
@@ -528,23 +583,19 @@ class Trainer:
                     f"skipped; the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir)}. Lower actor.lr or "
                     "critic.lr, or check the reward function"
                 )
-            due = self.step == c.steps or (c.checkpoint.every and self.step % c.checkpoint.every == 0)
+            stop = distributed.max_scalar(float(signals.signum is not None), self.world) > 0
+            due = self.step == c.steps or (c.checkpoint.every and self.step % c.checkpoint.every == 0) or stop
             if due and not self.bad_steps:  # a checkpoint is only ever written after a good step
                 self.save()
-        bar.close()
-        self.log.close()
-        if main and c.checkpoint.final:
-            self._write_final()
-        if not evaluating:
-            return evals
-        last = evals["history"][-1] if evals["history"] else {"step": self.step, **self.evaluate()}
-        if not main:
-            return evals
-        evals["after"] = {k: v for k, v in last.items() if k != "step"}
-        evals["seconds"] = evals.get("seconds", 0.0) + time.perf_counter() - start
-        _write_json(eval_path, evals)
-        write_report(self.run_dir, c, evals)
-        return evals
+            if stop:
+                bar.close()
+                self.log.close()
+                kept = ckpt.latest_checkpoint(self.run_dir) if main else None
+                where = f"the last checkpoint is {kept}" if kept else "no checkpoint was written"
+                raise Interrupted(
+                    f"interrupted after step {self.step}; {where}: continue with the same command and resume=auto"
+                )
+        signals.in_loop = False
 
     def _callback(self, hook: str, step: int, data: dict[str, Any]) -> None:
         if self.world.main:
