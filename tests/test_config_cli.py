@@ -97,3 +97,26 @@ def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
 def test_dfpo_eval_refuses_a_preset_mixed_with_task_keys(args, message, capsys):
     assert main(["eval", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_numeric_setting_has_a_range():
+    """RANGES is the one place numeric settings are checked: a new int or float option needs its entry."""
+    from dfpo.training.config import RANGES, TrainConfig, numeric_settings
+
+    assert set(numeric_settings(TrainConfig())) == set(RANGES)
+
+
+def test_a_yaml_value_of_the_wrong_kind_names_its_key(tmp_path):
+    from dfpo.config import ConfigError
+    from dfpo.training.config import build_config
+
+    for text, message in (
+        ("run_dir: [a, b]\n", "run_dir takes one str value, got a list ['a', 'b']"),
+        ("critic: 3\n", "critic is a group of keys: give a mapping, not 3"),
+        ("critic:\n  lr: {x: 1}\n", "critic.lr takes one float value, got a mapping"),
+        ("task_options: 5\n", "task_options takes a mapping of options, not 5"),
+    ):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            build_config([], str(path))

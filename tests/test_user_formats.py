@@ -335,3 +335,29 @@ def test_flipping_a_graded_user_reward_is_a_named_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "NoiseError: noise=flip(0.2) needs binary rewards (0 or 1), but the reward was 0.5" in err
+
+
+def test_evaluating_a_run_folder_runs_its_reward_code_only_when_trusted(tmp_path, capsys):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Say hi to {n}."} for n in "ABCDEFGH"])
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "steps=1",
+                f"task_options.data={data}",
+                "task_options.eval_fraction=0.5",
+                "eval.samples=0",
+                f"task_options.reward={tmp_path / 'rewards.py'}:says_hi",
+                f"run_dir={run}",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    assert "trust_run_code=true" in capsys.readouterr().err
+    assert main(["eval", str(run), "trust_run_code=true"]) == 0
+    assert "mean_reward=" in capsys.readouterr().out

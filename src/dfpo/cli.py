@@ -98,6 +98,11 @@ class EvalConfig:
     temperature: float = option(1.0, "sampling temperature of the k samples")
     seed: int = option(0, "seed of the sampling")
     out: str = option("", "write the results as JSON to this file (atomically); empty: print only")
+    trust_run_code: bool = option(
+        False,
+        "evaluating a run folder whose task names a reward function (a .py file or module) imports and runs that "
+        "code: allow it (only for run folders you trust)",
+    )
 
 
 def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -134,6 +139,12 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
                 f"the run was given {', '.join(in_memory)} as Python objects ({options[in_memory[0]]}): evaluate it "
                 f"from Python, or name them here, e.g. dfpo eval {model_name} task={task_name} "
                 f"task_options.{in_memory[0]}=..."
+            )
+        if options.get("reward") and not config.trust_run_code:
+            raise ConfigError(
+                f"the run's task scores with the reward function {options['reward']!r}: evaluating imports and runs "
+                "that code. Add trust_run_code=true if you trust this run folder, or give task= and task_options "
+                "yourself"
             )
         config = _run_eval_settings(config, trained, given)
         max_new = config.max_new_tokens

@@ -8,6 +8,7 @@ train, naming the key and the valid values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +262,31 @@ def load_yaml(path_or_name: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values at the top level")
+    _check_yaml_types(TrainConfig(), data, "", path)
     return data
+
+
+def _check_yaml_types(config: Any, mapping: dict[str, Any], prefix: str, path: Path) -> None:
+    """A YAML value of the wrong kind for its key (a list or mapping where one value belongs, a mapping missing
+    where a group is) is refused naming the key; scalars are converted by the key's type later, as on the command
+    line. Unknown keys are left to the override parser, which names the valid ones."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key, value in mapping.items():
+        if key not in fields:
+            continue
+        current = fields[key]
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"--config {path}: {prefix}{key} is a group of keys: give a mapping, not {value!r}")
+            _check_yaml_types(current, value, f"{prefix}{key}.", path)
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"--config {path}: {prefix}{key} takes a mapping of options, not {value!r}")
+        elif isinstance(value, (list, dict)):
+            kind = "a list" if isinstance(value, list) else "a mapping"
+            raise ConfigError(
+                f"--config {path}: {prefix}{key} takes one {type(current).__name__} value, got {kind} {value!r}"
+            )
 
 
 def build_config(overrides: list[str], config_file: str | None = None) -> TrainConfig:
@@ -349,8 +374,75 @@ def flow_loss_options(flow: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Every numeric setting's valid values, in one place, checked before any model loads (a test keeps this table
+# complete). ">0", ">=1": bounds; "[0,1]", "(0,1]": intervals; every float must also be finite.
+RANGES: dict[str, str] = {
+    "train_limit": ">=0", "steps": ">=1", "seed": ">=0", "max_bad_steps": ">=1", "threads": ">=0",
+    "rollout.prompts": ">=1", "rollout.samples": ">=1", "rollout.max_new_tokens": ">=1",
+    "rollout.temperature": ">0", "rollout.top_p": "(0,1]", "rollout.batch_size": ">=1",
+    "rollout.vllm_memory": "(0,1]", "rollout.generate_prompts": ">=0",
+    "actor.lr": ">0", "actor.weight_decay": ">=0", "actor.warmup_steps": ">=0", "actor.epochs": ">=1",
+    "actor.minibatches": ">=1", "actor.micro_batch": ">=0", "actor.micro_tokens": ">=0",
+    "actor.checkpoint_prompts": ">=0", "actor.clip_low": "[0,1)", "actor.clip_high": ">=0", "actor.grad_clip": ">=0",
+    "actor.lora_rank": ">=0", "actor.lora_alpha": ">=0",
+    "critic.lr": ">0", "critic.trunk_lr": ">=0", "critic.warmup_steps": ">=0", "critic.coef": ">=0",
+    "critic.updates": ">=0", "critic.grad_clip": ">=0", "critic.value_clip": ">=0", "critic.samples": ">=1",
+    "critic.sample_steps": ">=1", "critic.width": ">=0", "critic.heads": ">=1", "critic.quantiles": ">=1",
+    "critic.return_scale": ">0", "critic.risk_weight": ">=0", "critic.kappa": ">0", "critic.pessimism": "[0,1]",
+    "critic.bootstrap": "[0,1]", "critic.lora_rank": ">=0", "critic.lora_alpha": ">=0",
+    "kl.coef": ">=0",
+    "advantage.gamma": "[0,1]", "advantage.lam": "[0,1]", "advantage.critic_lam": "[0,1]",
+    "advantage.adaptive_lam": ">=0",
+    "eval.every": ">=0", "eval.limit": ">=1", "eval.samples": ">=0", "eval.max_new_tokens": ">=0",
+    "log.samples_every": ">=0",
+    "checkpoint.every": ">=0", "checkpoint.keep": ">=0",
+}  # fmt: skip
+
+
+def numeric_settings(config: Any, prefix: str = "") -> dict[str, int | float]:
+    """Every int and float field of ``config`` and its groups, by dotted key (bools are not numbers here)."""
+    out: dict[str, int | float] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(numeric_settings(value, f"{prefix}{f.name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def _within(value: float, spec: str) -> bool:
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    above = value >= low if spec[0] == "[" else value > low
+    below = value <= high if spec[-1] == "]" else value < high
+    return above and below
+
+
+def check_ranges(c: TrainConfig) -> None:
+    """Refuse a numeric setting outside :data:`RANGES` or not finite, naming the key and its valid values."""
+    for key, value in numeric_settings(c).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number")
+        spec = RANGES[key]
+        if not _within(value, spec):
+            shown = f"in {spec}" if spec[0] in "[(" else spec.replace(">=", ">= ").replace(">0", "> 0")
+            raise ConfigError(f"{key}={value}: must be {shown}")
+
+
 def validate(c: TrainConfig) -> None:
     """Refuse settings that cannot train, naming the key and what would work."""
+    check_ranges(c)
+    try:
+        _ = c.resolved_run_dir
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(
+            f"run_dir={c.run_dir!r}: {error} is not a placeholder it can fill; use {{algo}}, {{task}} and {{seed}} "
+            "(double a brace to keep it: {{ }})"
+        ) from None
     import dfpo.tasks as tasks
     from dfpo.core import advantages, policy_losses
     from dfpo.core.kl import ESTIMATORS
@@ -368,12 +460,6 @@ def validate(c: TrainConfig) -> None:
     _one_of("actor.aggregation", c.actor.aggregation, AGGREGATIONS)
     _one_of("actor.loss", c.actor.loss, policy_losses.names())
     _one_of("advantage.estimator", c.advantage.estimator, advantages.names())
-    positive = {
-        "steps": c.steps, "rollout.prompts": c.rollout.prompts, "rollout.samples": c.rollout.samples,
-        "rollout.max_new_tokens": c.rollout.max_new_tokens, "rollout.batch_size": c.rollout.batch_size,
-        "actor.epochs": c.actor.epochs, "actor.minibatches": c.actor.minibatches, "max_bad_steps": c.max_bad_steps,
-        "eval.limit": c.eval.limit,
-    }  # fmt: skip
     _one_of("parallel", c.parallel, ("ddp", "fsdp"))
     _one_of("rollout.engine", c.rollout.engine, ("hf", "vllm"))
     if c.rollout.engine == "vllm":
@@ -398,25 +484,11 @@ def validate(c: TrainConfig) -> None:
 
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={c.device}: this machine has no CUDA GPU that torch can use; use device=cpu")
-    for key, rank in (("actor.lora_rank", c.actor.lora_rank), ("critic.lora_rank", c.critic.lora_rank)):
-        if rank < 0:
-            raise ConfigError(f"{key}={rank}: must be 0 (full fine-tuning) or a LoRA rank of at least 1")
     if c.critic.lora_rank and not (c.critic.kind != "none" and c.critic.backbone == "separate"):
         raise ConfigError(
             f"critic.lora_rank={c.critic.lora_rank} puts adapters on a separate critic trunk: set "
             "critic.backbone=separate (a shared trunk is the policy's: use actor.lora_rank)"
         )
-    if c.rollout.generate_prompts < 0:
-        raise ConfigError(
-            f"rollout.generate_prompts={c.rollout.generate_prompts}: must be 0 (all at once) or at least 1"
-        )
-    if c.actor.checkpoint_prompts < 0:
-        raise ConfigError(f"actor.checkpoint_prompts={c.actor.checkpoint_prompts}: must be 0 (off) or at least 1")
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value}: must be at least 1")
-    if c.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature={c.rollout.temperature}: must be > 0 (RL samples its rollouts)")
     if c.resume not in ("", "auto") and not Path(c.resume).is_dir():
         raise ConfigError(f"resume={c.resume!r}: use 'auto' (run_dir's latest checkpoint) or a checkpoint folder")
 
@@ -443,32 +515,15 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
     if c.critic.kind == "flow":
         flow_loss_options(c.critic.flow)
-    for key, value in (("advantage.lam", c.advantage.lam), ("advantage.critic_lam", c.advantage.critic_lam)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}={value}: must be in [0, 1]")
-    if c.advantage.adaptive_lam < 0:
-        raise ConfigError(f"advantage.adaptive_lam={c.advantage.adaptive_lam}: must be 0 (off) or > 0 (e.g. 0.05)")
     _one_of("critic.risk_targets", c.critic.risk_targets, ("pooled", "token"))
-    if not c.critic.kappa > 0:
-        raise ConfigError(f"critic.kappa={c.critic.kappa}: must be > 0 (e.g. 0.02; small against the return spread)")
     if c.critic.kind == "flow" and c.critic.samples < 2:
         raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
-    if c.critic.width < 0 or (c.critic.width == 0 and c.critic.kind in ("quantile", "flow")):
+    if c.critic.width == 0 and c.critic.kind in ("quantile", "flow"):
         raise ConfigError(
             f"critic.width={c.critic.width}: must be at least 1 (0, a bare linear head, only for scalar and ensemble)"
         )
-    if c.critic.updates < 0:
-        raise ConfigError(f"critic.updates={c.critic.updates}: must be 0 (auto) or at least 1")
-    if c.critic.sample_steps < 1:
-        raise ConfigError(f"critic.sample_steps={c.critic.sample_steps}: must be at least 1 (one Euler step)")
     if c.critic.kind == "quantile" and c.critic.quantiles < 2:
         raise ConfigError(f"critic.quantiles={c.critic.quantiles}: a quantile critic needs at least 2")
-    if not 0.0 <= c.critic.bootstrap <= 1.0:
-        raise ConfigError(
-            f"critic.bootstrap={c.critic.bootstrap}: must be a probability, 0 <= p <= 1 (0 or 1: no bootstrap masks)"
-        )
-    if c.critic.kind in ("ensemble", "quantile") and c.critic.heads < 1:
-        raise ConfigError(f"critic.heads={c.critic.heads}: must be at least 1")
     batch = c.rollout.prompts * c.rollout.samples
     if batch % c.actor.minibatches:
         raise ConfigError(
@@ -476,12 +531,10 @@ def validate(c: TrainConfig) -> None:
             f"(rollout.prompts x rollout.samples)"
         )
     minibatch = batch // c.actor.minibatches
-    if c.actor.micro_batch < 0 or (c.actor.micro_batch and minibatch % c.actor.micro_batch):
+    if c.actor.micro_batch and minibatch % c.actor.micro_batch:
         raise ConfigError(
             f"actor.micro_batch={c.actor.micro_batch} must divide the minibatch of {minibatch} sequences (or be 0)"
         )
-    if c.actor.micro_tokens < 0:
-        raise ConfigError(f"actor.micro_tokens={c.actor.micro_tokens}: must be 0 (off) or a number of token positions")
     if c.actor.micro_tokens and c.actor.micro_batch:
         raise ConfigError(
             f"actor.micro_batch={c.actor.micro_batch} and actor.micro_tokens={c.actor.micro_tokens} both size the "
