@@ -147,3 +147,26 @@ def test_a_signal_checkpoints_the_last_step_and_the_run_resumes_exactly(signum, 
     assert "resume=auto" in err and "Traceback" not in err
     subprocess.run([*args, f"run_dir={run}", "resume=auto"], env=env, check=True, capture_output=True)
     assert _timing_free(run) == _timing_free(whole)
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward/obs')  # a kill in the middle of writing step 3's line
+    assert main(["train", *SMALL, "steps=3", f"run_dir={run}", "resume=auto"]) == 0
+    assert _steps(run) == [1, 2, 3]
+
+
+def test_a_read_only_run_folder_is_refused_before_loading(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        assert main(["train", *SMALL, "steps=1", f"run_dir={folder / 'run'}"]) == 2
+        assert "cannot be written" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o700)

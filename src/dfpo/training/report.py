@@ -42,7 +42,7 @@ class MetricsLog:
         self.samples_path = run_dir / "samples.jsonl"
         for path in (self.path, self.samples_path):
             if truncate_after and path.exists():
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= truncate_after]
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= truncate_after]
                 tmp = path.with_name(f".{path.name}.tmp")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, path)
@@ -86,6 +86,14 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line a kill tore mid-write (not valid JSON) counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

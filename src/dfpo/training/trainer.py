@@ -278,6 +278,7 @@ class Trainer:
         if c.threads > 0:
             torch.set_num_threads(c.threads)
         self.run_dir = c.resolved_run_dir
+        self._check_writable(self.run_dir)
         self.resume_from = self._find_resume()
         if self.resume_from is None and not c.resume and ckpt.holds_a_run(self.run_dir):
             raise ConfigError(
@@ -416,6 +417,19 @@ class Trainer:
         if self.rollout_policy is not None:
             for low, full in zip(self.rollout_policy.parameters(), self.policy.parameters(), strict=True):
                 low.copy_(full)
+
+    @staticmethod
+    def _check_writable(run_dir: Path) -> None:
+        """Refuse a run folder that cannot be written before any model loads, not after minutes of loading."""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(
+                f"run_dir {run_dir} cannot be written ({error.strerror}); choose another run_dir"
+            ) from None
 
     def _checkpoint_policy(self, load: Any) -> tuple[Any, Any]:
         """``load(folder)`` of the resumed checkpoint's ``policy/``, its failures and NaN or inf weights named as a
