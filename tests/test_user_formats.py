@@ -115,7 +115,11 @@ def test_a_raising_reward_names_the_function_and_the_sample(tmp_path, capsys):
     assert code == 1
     assert "RewardFunctionError" in err and "Traceback" not in err
     assert "'breaks_on_two' raised ZeroDivisionError: division by zero on sample" in err
-    assert "Is two a number?" in err
+    assert "Is two a number?" in err and "--debug shows the traceback" in err
+    with pytest.raises(RewardFunctionError):  # --debug keeps the traceback
+        main(["train", *TINY, "steps=2", f"task_options.data={data}", "task_options.eval_fraction=0", "eval.splits=",
+              f"task_options.reward={tmp_path / 'rewards.py'}:breaks_on_two", f"run_dir={tmp_path / 'run2'}",
+              "--debug"])  # fmt: skip
 
 
 def test_trl_plain_prompts_get_string_completions():

@@ -307,7 +307,9 @@ VERBS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: dfpo {" + ",".join(VERBS) + "} [key=value ...]   (dfpo VERB --help lists the keys)"
+    debug = "--debug" in argv  # errors in the user's input or code keep their traceback
+    argv = [a for a in argv if a != "--debug"]
+    usage = "usage: dfpo {" + ",".join(VERBS) + "} [key=value ...] [--debug]   (dfpo VERB --help lists the keys)"
     if not argv or argv[0] not in VERBS:
         print(usage, file=sys.stderr)
         return 2
@@ -345,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfpo {argv[0]}: {error or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as error:
-        if not isinstance(error, _user_errors()):
+        if debug or not isinstance(error, _user_errors()):
             raise
-        print(f"dfpo {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"dfpo {argv[0]}: {type(error).__name__}: {error} (--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -551,6 +551,9 @@ class Trainer:
             self._loop(bar, evals, eval_path, evaluating, signals)
         bar.close()
         self.log.close()
+        if self.bad_steps and main:  # no checkpoint follows a skipped step: say so rather than end as if all went well
+            print(f"train: the last {self.bad_steps} step(s) had a NaN or inf loss or gradient and were skipped; the "
+                  f"last checkpoint is {ckpt.latest_checkpoint(self.run_dir)}", file=sys.stderr)  # fmt: skip
         if main and c.checkpoint.final:
             self._write_final()
         if not evaluating:
