@@ -148,11 +148,12 @@ def analyse(recorder: Recorder, window: int) -> dict[str, Any]:
 
 def _model_settings(model: str) -> list[str]:
     """The noisy grid's training settings for a model it has a scale for (SmolLM2's actor lr 2e-6, flow critic
-    K and width), less its batch shape, which this benchmark sets: the tiny model's defaults would wreck SmolLM2."""
+    K and width), less its batch shape and critic backbone, which this benchmark sets: the tiny model's defaults
+    would wreck SmolLM2."""
     from dfpo.noisy import SCALES
 
     scale = SCALES.get(model)
-    return [s for s in scale.settings if not s.startswith("rollout.")] if scale else []
+    return [s for s in scale.settings if not s.startswith(("rollout.", "critic.backbone="))] if scale else []
 
 
 def _task_settings(name: str, model: str) -> list[str]:
