@@ -19,6 +19,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -100,12 +101,17 @@ def resolve_model(name_or_path: str) -> Path:
         path = path / "checkpoints" / (path / "latest").read_text().strip() / "policy"
     if (path / "config.json").exists() or (path / ADAPTER_CONFIG).exists():
         return path
-    if not path.exists() and (cached := _hub_snapshot(name_or_path)) is not None:
+    hub_id = not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
+    if hub_id and (cached := _hub_snapshot(name_or_path)) is not None:
         return cached
+    hint = (
+        f"nor a model in the local Hugging Face cache (download it first: huggingface-cli download {name_or_path})"
+        if hub_id
+        else "nor a hub id (owner/name) in the local Hugging Face cache"
+    )
     raise MissingAssetError(
-        f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}), a folder with a config.json (a Hugging "
-        "Face causal-LM folder saved with save_pretrained), nor a model in the local Hugging Face cache (download it "
-        f"first: huggingface-cli download {name_or_path})"
+        f"model {name_or_path!r} is neither a known name ({TINY}, {SMOLLM2}) nor a folder with a config.json (a "
+        f"Hugging Face causal-LM folder saved with save_pretrained), {hint}"
     )
 
 

@@ -509,7 +509,8 @@ def run_cell(spec: dict[str, Any]) -> None:
         config = build_config([*spec["settings"], f"run_dir={run_dir}", *resume])
         if spec["threads"]:
             config = dataclasses.replace(config, threads=spec["threads"])
-        trainer = Trainer(config, command=f"dfpo bench noisy cell {spec['id']}")
+        # signals=False: the grid stops its cells with SIGTERM and resumes them from their own checkpoints
+        trainer = Trainer(config, command=f"dfpo bench noisy cell {spec['id']}", signals=False)
         record["resumed_from_step"] = trainer.step
         if trainer.hidden_size != scale.hidden_size:
             raise ConfigError(f"scale {spec['scale']}: expected hidden size {scale.hidden_size}")

@@ -91,13 +91,14 @@ class _Signals:
     writes a checkpoint); a second one, or one outside the step loop, abandons at once. Handlers are installed only
     in the main thread and restored afterwards."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.signum: int | None = None
         self.in_loop = False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -264,8 +265,11 @@ class Trainer:
 
     ``observers``: callables that get a :class:`StepData` every step (append before :meth:`run`)."""
 
-    def __init__(self, config: TrainConfig, command: str = "dfpo train", callbacks: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, config: TrainConfig, command: str = "dfpo train", callbacks: Sequence[Any] = (), signals: bool = True
+    ) -> None:
         self.config, self.command = config, command
+        self.signals = signals  # SIGINT/SIGTERM checkpoint the step in progress (the noisy grid's cells: off)
         self.observers: list[Any] = []
         self.callbacks = list(callbacks)  # dfpo.api.Callback: on_step_end, on_evaluate
         c = config
@@ -547,7 +551,7 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.log.progress and main), file=sys.stderr,
                    desc=c.algo, dynamic_ncols=True)  # fmt: skip
-        with _Signals() as signals:
+        with _Signals(self.signals) as signals:
             self._loop(bar, evals, eval_path, evaluating, signals)
         bar.close()
         self.log.close()
