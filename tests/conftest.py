@@ -10,3 +10,11 @@ def gen() -> torch.Generator:
 def right_padded_mask(lengths: list[int], max_len: int) -> torch.Tensor:
     """``[B, T]`` float mask with ``lengths[i]`` leading ones per row."""
     return (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).float()
+
+
+@pytest.fixture(autouse=True)
+def idle_cpu(request, monkeypatch):
+    """Runs in a test start with threads decided as on an idle machine: two runs a test compares would otherwise
+    pick their thread counts from whatever else the machine runs then (``tests/test_cpu.py`` measures for real)."""
+    if "real_cpu" not in request.keywords:
+        monkeypatch.setattr("dfpo.cpu.busy_elsewhere", lambda window=0.3: 0.0)

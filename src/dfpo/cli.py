@@ -98,6 +98,7 @@ class EvalConfig:
     temperature: float = option(1.0, "sampling temperature of the k samples")
     seed: int = option(0, "seed of the sampling")
     out: str = option("", "write the results as JSON to this file (atomically); empty: print only")
+    threads: int = option(0, "torch CPU threads (0: one per core that other processes leave free)")
     trust_run_code: bool = option(
         False,
         "evaluating a run folder whose task names a reward function (a .py file or module) imports and runs that "
@@ -109,6 +110,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     """``given``: the keys set on the command line (they win over a run folder's own evaluation settings)."""
     import torch
 
+    from dfpo import cpu
     from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.models import load_model
     from dfpo.tasks.presets import preset, task_options_for
@@ -149,6 +151,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         config = _run_eval_settings(config, trained, given)
         max_new = config.max_new_tokens
     task = _build_task(task_name, task_options_for(model_name, task_name, options))
+    cpu.set_threads(config.threads)
     model, tokenizer = load_model(model_name)
     model.eval()
     results: dict[str, Any] = {"command": command, "config": dataclasses.asdict(config), "splits": {}}

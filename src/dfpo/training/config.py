@@ -220,7 +220,11 @@ class TrainConfig:
     run_dir: str = option("runs/{algo}-{task}-seed{seed}", "output folder; {algo}, {task}, {seed} are filled in")
     resume: str = option("", "'auto' continues from run_dir's latest checkpoint; or a checkpoint folder")
     max_bad_steps: int = option(3, "stop after this many steps in a row with a NaN/inf loss or gradient")
-    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    threads: int = option(
+        0,
+        "torch CPU threads (0: one per core that other processes leave free when the run starts; a resume keeps "
+        "the run's count, as results differ in the last bits between counts)",
+    )
     parallel: str = option(
         "ddp",
         "with several processes (torchrun): ddp (each holds the whole model; gradients summed over processes) or "

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as transformers_logging
 
-from dfpo import critics, distributed
+from dfpo import cpu, critics, distributed
 from dfpo.config import ConfigError
 from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
@@ -279,8 +279,6 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         transformers_logging.disable_progress_bar()  # per-load bars would bury the training's own
-        if c.threads > 0:
-            torch.set_num_threads(c.threads)
         self.run_dir = c.resolved_run_dir
         self._check_writable(self.run_dir)
         self.resume_from = self._find_resume()
@@ -295,6 +293,8 @@ class Trainer:
             if self.world.main:
                 print(f"resume: {self.run_dir} continues from step {state['step']} ({self.resume_from})",
                       file=sys.stderr)  # fmt: skip
+        # the count the run started with, on a resume: a result's last bits depend on it
+        self.threads = cpu.set_threads(c.threads, state and state.get("threads"), self.world.main)
         self._seed(c.seed)
 
         import dfpo.tasks as tasks
@@ -657,6 +657,7 @@ class Trainer:
             "config": config_record(self.config),
             "data": self.data.state(),
             "bad_steps": self.bad_steps,
+            "threads": self.threads,
             "pseudo_labels": self.pseudo_labels,
         }
         return ckpt.save_checkpoint(
@@ -786,6 +787,7 @@ class Trainer:
             "perf/micro_batch": float(min(micro or len(mask), len(mask) // c.actor.minibatches)),
             "perf/forward_positions": distributed.sum_scalar(float(forward_positions(ids, attn, width)), world),
             "perf/step_s": sum(times.values()),
+            "perf/threads": float(self.threads),
             **{f"perf/{k}_s": v for k, v in times.items()},
         })  # fmt: skip
         if components:
