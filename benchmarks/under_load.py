@@ -109,5 +109,6 @@ def main() -> None:
         record = {"cpus": os.cpu_count(), "steps": args.steps, "eval": args.eval, "rows": rows}
         (args.out / "under_load.json").write_text(json.dumps(record, indent=1) + "\n")
 
+
 if __name__ == "__main__":
     main()
