@@ -247,7 +247,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         return (loss * float("nan") if trainer.step >= 2 else loss), metrics
 
     monkeypatch.setattr(trainer, "_actor_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"2 steps in a row.*last good checkpoint"):
+    diverged = r"2 steps in a row were skipped, the last for a NaN or inf in .*loss.*checkpoint.*lower actor.lr"
+    with pytest.raises(TrainingDiverged, match=diverged):
         trainer.run()
     assert (run_dir / "latest").read_text().strip() == "step_000001"  # no checkpoint after a skipped step
     metrics = _metrics(run_dir)

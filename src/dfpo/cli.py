@@ -113,6 +113,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     from dfpo import cpu
     from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.models import load_model
+    from dfpo.rollout import context_limit
     from dfpo.tasks.presets import preset, task_options_for
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
@@ -155,15 +156,22 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     model, tokenizer = load_model(model_name)
     model.eval()
     results: dict[str, Any] = {"command": command, "config": dataclasses.asdict(config), "splits": {}}
+    limit = context_limit(model, max_new)  # a prompt the context cannot hold keeps its last tokens
+    if limit is not None and limit < 1:
+        raise ConfigError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's context")
     for split in config.splits.split(","):
         # the trainer's batch sizes: left padding makes batched greedy decoding depend on them, a little
-        r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=64)
+        r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=64, max_prompt_tokens=limit)
+        if r["truncated_prompts"]:
+            print(f"eval: {r['truncated_prompts']} of {r['n']} prompts of {split} were longer than the model's "
+                  f"context leaves beside max_new_tokens={max_new} ({limit} tokens) and kept their last {limit}",
+                  file=sys.stderr)  # fmt: skip
         r.pop("sample")
         if config.samples > 0:
             torch.manual_seed(config.seed)
             examples = task.examples(split, config.limit)
             r.update(sampled_metrics(model, tokenizer, task, examples, config.samples, max_new, config.temperature,
-                                     batch_size=32))  # fmt: skip
+                                     batch_size=32, max_prompt_tokens=limit))  # fmt: skip
         results["splits"][split] = r
         shown = " ".join(f"{key}={value:.3f}" for key, value in r.items() if isinstance(value, float))
         print(f"eval {model_name} on {task_name}/{split} (n={r['n']}): {shown}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dfpo.rollout import generate_batch
+from dfpo.rollout import fit_prompts, generate_batch
 from dfpo.tasks.answers import extract_final_answer
 from dfpo.tasks.base import Task, render_prompt
 
@@ -55,6 +55,7 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     examples: list[dict[str, Any]] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Greedy accuracy of ``model`` on ``task``'s ``split`` (or on ``examples`` of the task, when given).
 
@@ -62,10 +63,11 @@ def evaluate(
     functions, the mean reward, also given as ``mean_reward``), ``n``, ``format_rate`` (share of completions with
     a marked final answer, for tasks that score one), ``truncated_rate``, ``verifier_errors`` (during this call),
     ``seconds``, and one sample completion, plus the task's :meth:`~dfpo.tasks.base.Task.extra_metrics` (e.g.
-    dialogue's ``exact_match``). The whole split is scored in one ``score_batch`` call.
+    dialogue's ``exact_match``). The whole split is scored in one ``score_batch`` call. A prompt over
+    ``max_prompt_tokens`` keeps its last ones (counted in ``truncated_prompts``).
     """
     examples = task.examples(split, limit) if examples is None else examples
-    prompts = [task.prompt_text(tokenizer, e) for e in examples]
+    prompts, cut = fit_prompts(tokenizer, [task.prompt_text(tokenizer, e) for e in examples], max_prompt_tokens)
     errors_before, start = task.verifier_errors, time.perf_counter()
     completions, truncated, ids = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     scored = [s for s in task.score_batch(completions, examples, ids) if s is not None]
@@ -78,6 +80,7 @@ def evaluate(
     return {
         **result,
         "truncated_rate": sum(truncated) / max(1, n),
+        "truncated_prompts": cut,
         "verifier_errors": task.verifier_errors - errors_before,
         "seconds": time.perf_counter() - start,
         "sample": {"prompt": prompts[0], "completion": completions[0], "answer": examples[0].get("answer")}
@@ -96,6 +99,7 @@ def sampled_metrics(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, float]:
     """``mean@k`` (mean score of ``k`` sampled replies per example) and ``maj@k`` (score of their majority answer,
     for tasks whose completions carry a marked answer).
@@ -108,7 +112,7 @@ def sampled_metrics(
     mean = majority = 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [task.prompt_text(tokenizer, e) for e in chunk]
+        prompts, _ = fit_prompts(tokenizer, [task.prompt_text(tokenizer, e) for e in chunk], max_prompt_tokens)
         rollout = sample(model, tokenizer, prompts, k, max_new_tokens, temperature)
         scores = task.score_batch(rollout.completions, [e for e in chunk for _ in range(k)], rollout.completion_ids)
         for i, example in enumerate(chunk):

@@ -97,6 +97,45 @@ def response_mask(responses: Tensor, eos_token_id: int) -> Tensor:
 
 
 @torch.no_grad()
+def prompt_lengths(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Tokens in each of ``prompts`` (rendered text), tokenized as generation tokenizes them."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def prompts_over(tokenizer: Any, prompts: list[str], limit: int) -> list[tuple[int, int]]:
+    """``(index, tokens)`` of each of ``prompts`` over ``limit`` tokens. Only prompts of more than ``limit - 2``
+    bytes are tokenized: every token of a byte-level, character-level, WordPiece or SentencePiece tokenizer spans
+    at least one byte of text, but for the one word-start marker a SentencePiece tokenizer may add."""
+    maybe = [i for i, text in enumerate(prompts) if len(text.encode()) + 2 > limit]
+    lengths = prompt_lengths(tokenizer, [prompts[i] for i in maybe]) if maybe else []
+    return [(i, n) for i, n in zip(maybe, lengths, strict=True) if n > limit]
+
+
+def context_limit(model: Any, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves room for ``max_new_tokens`` in the model's context (its
+    ``max_position_embeddings``), or None for a model that names no context length."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if not context else int(context) - max_new_tokens
+
+
+def fit_prompts(tokenizer: Any, prompts: list[str], limit: int | None) -> tuple[list[str], int]:
+    """``prompts`` with each over ``limit`` tokens cut to its last ``limit`` (the end, where a chat template puts the
+    turn to answer, survives, as in TRL), and how many were cut. The cut is made on tokens and decoded back to
+    text, then shortened further until it tokenizes within ``limit`` (a byte-level cut may re-tokenize longer)."""
+    if limit is None:
+        return prompts, 0
+    out, over = list(prompts), prompts_over(tokenizer, prompts, limit)
+    for i, _ in over:
+        ids, keep = tokenizer(prompts[i], add_special_tokens=False)["input_ids"], limit
+        while True:
+            text = tokenizer.decode(ids[len(ids) - keep :], skip_special_tokens=False)
+            if keep <= 1 or prompt_lengths(tokenizer, [text])[0] <= limit:
+                break
+            keep -= 1
+        out[i] = text
+    return out, len(over)
+
+
 def generate_batch(
     model: Any,
     tokenizer: Any,

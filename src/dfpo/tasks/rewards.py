@@ -66,6 +66,8 @@ class RewardFunction:
 
 def load_reward_function(spec: str) -> Callable[..., Any]:
     """Import ``module:function``, ``module.function`` or ``path/to/file.py:function``."""
+    if spec.endswith(".py"):
+        raise RewardFunctionError(f"reward {spec!r}: name the function in the file too, e.g. {spec}:my_reward")
     if ":" in spec:
         where, _, name = spec.rpartition(":")
     else:

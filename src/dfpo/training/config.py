@@ -34,6 +34,12 @@ class RolloutOptions:
     temperature: float = option(0.7, "sampling temperature (log-probs are those of the tempered distribution)")
     top_p: float = option(1.0, "nucleus sampling threshold")
     mask_truncated: bool = option(False, "give responses cut at max_new_tokens no weight in any loss")
+    max_prompt_tokens: int = option(0, "the longest prompt in tokens (0: the model's context less max_new_tokens)")
+    long_prompts: str = option(
+        "refuse",
+        "a prompt over max_prompt_tokens: refuse (the run stops before training, naming the example) or truncate "
+        "(keep its last max_prompt_tokens tokens, as TRL does; counted in data/truncated_prompts)",
+    )
     batch_size: int = option(64, "sequences per no-grad scoring forward")
     engine: str = option(
         "hf", "what samples the rollouts: hf (transformers generate) or vllm (colocated vLLM; CUDA, the vllm extra)"
@@ -384,7 +390,7 @@ RANGES: dict[str, str] = {
     "train_limit": ">=0", "steps": ">=1", "seed": ">=0", "max_bad_steps": ">=1", "threads": ">=0",
     "rollout.prompts": ">=1", "rollout.samples": ">=1", "rollout.max_new_tokens": ">=1",
     "rollout.temperature": ">0", "rollout.top_p": "(0,1]", "rollout.batch_size": ">=1",
-    "rollout.vllm_memory": "(0,1]", "rollout.generate_prompts": ">=0",
+    "rollout.vllm_memory": "(0,1]", "rollout.generate_prompts": ">=0", "rollout.max_prompt_tokens": ">=0",
     "actor.lr": ">0", "actor.weight_decay": ">=0", "actor.warmup_steps": ">=0", "actor.epochs": ">=1",
     "actor.minibatches": ">=1", "actor.micro_batch": ">=0", "actor.micro_tokens": ">=0",
     "actor.checkpoint_prompts": ">=0", "actor.clip_low": "[0,1)", "actor.clip_high": ">=0", "actor.grad_clip": ">=0",
@@ -466,6 +472,7 @@ def validate(c: TrainConfig) -> None:
     _one_of("advantage.estimator", c.advantage.estimator, advantages.names())
     _one_of("parallel", c.parallel, ("ddp", "fsdp"))
     _one_of("rollout.engine", c.rollout.engine, ("hf", "vllm"))
+    _one_of("rollout.long_prompts", c.rollout.long_prompts, ("refuse", "truncate"))
     if c.rollout.engine == "vllm":
         import importlib.util
 

@@ -63,9 +63,12 @@ from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.rollout import (
     Rollout,
     concat_rollouts,
+    context_limit,
+    fit_prompts,
     forward_positions,
     prompt_features,
     prompt_groups,
+    prompts_over,
     response_forward,
     sample,
     trunk_hidden,
@@ -327,6 +330,10 @@ class Trainer:
         else:
             self.policy, self.tokenizer = load_model(c.model)
         self.hidden_size = self.policy.config.hidden_size
+        self.prompt_limit = self._prompt_limit(c.rollout.max_new_tokens)
+        self.eval_prompt_limit = self._prompt_limit(c.eval.max_new_tokens or c.rollout.max_new_tokens)
+        if c.rollout.long_prompts == "refuse":
+            self._refuse_long_prompts()
         needs_ref = c.kl.mode != "none" or c.actor.loss == "flowrl" or isinstance(self.noise, PseudoLabel)
         self.ref = self._frozen(load_model(c.model)[0]) if needs_ref else None
 
@@ -365,6 +372,7 @@ class Trainer:
         self.data = DataOrder(len(self.train), c.seed)
         self.step = 0
         self.bad_steps = 0
+        self._fault: tuple[str, str] | None = None  # why the last skipped update was skipped, and what to do
         self.pseudo_labels: dict[str, Any] = {}
         if state is not None:
             ckpt.load_optimizers(self.resume_from, self.optimizers)
@@ -599,10 +607,10 @@ class Trainer:
             if self.bad_steps >= c.max_bad_steps:
                 bar.close()
                 self.log.close()
+                what, fix = self._fault or ("a NaN or inf loss or gradient", "lower actor.lr or critic.lr")
                 raise TrainingDiverged(
-                    f"step {self.step}: {self.bad_steps} steps in a row had a NaN or inf loss or gradient and were "
-                    f"skipped; the last good checkpoint is {ckpt.latest_checkpoint(self.run_dir)}. Lower actor.lr or "
-                    "critic.lr, or check the reward function"
+                    f"step {self.step}: {self.bad_steps} steps in a row were skipped, the last for {what}; the last "
+                    f"good checkpoint is {ckpt.latest_checkpoint(self.run_dir)}. To go on: {fix}"
                 )
             stop = distributed.max_scalar(float(signals.signum is not None), self.world) > 0
             due = self.step == c.steps or (c.checkpoint.every and self.step % c.checkpoint.every == 0) or stop
@@ -665,6 +673,75 @@ class Trainer:
             self.config.checkpoint.keep, whole,
         )  # fmt: skip
 
+    def _prompt_limit(self, max_new_tokens: int) -> int | None:
+        """The longest prompt: ``rollout.max_prompt_tokens``, or what the model's context leaves beside
+        ``max_new_tokens`` (None: a model that names no context, and no limit set)."""
+        c = self.config
+        room = context_limit(self.policy, max_new_tokens)
+        context = self.policy.config.max_position_embeddings if room is not None else None
+        if room is not None and room < 1:
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+                "tokens: lower rollout.max_new_tokens (or eval.max_new_tokens)"
+            )
+        if c.rollout.max_prompt_tokens and room is not None and c.rollout.max_prompt_tokens > room:
+            raise ConfigError(
+                f"rollout.max_prompt_tokens={c.rollout.max_prompt_tokens}: the model's context of {context} tokens "
+                f"holds prompts of at most {room} beside max_new_tokens={max_new_tokens}"
+            )
+        return c.rollout.max_prompt_tokens or room
+
+    def _refuse_long_prompts(self) -> None:
+        """Before training: every training prompt and every evaluation split's prompt within its limit, else a
+        :class:`DataError` naming the first one over, how many are, and the ways out."""
+        c = self.config
+        sets = [("training", self.train, self.prompt_limit)]
+        sets += [(f"eval split {s!r}", self.task.examples(s, c.eval.limit), self.eval_prompt_limit)
+                 for s in c.eval.splits.split(",") if s]  # fmt: skip
+        for name, examples, limit in sets:
+            if limit is None:
+                continue
+            over: list[tuple[int, int]] = []
+            for start in range(0, len(examples), 1024):
+                chunk = [examples[i] for i in range(start, min(start + 1024, len(examples)))]
+                texts = [self.task.prompt_text(self.tokenizer, e) for e in chunk]
+                over += [(start + i, n) for i, n in prompts_over(self.tokenizer, texts, limit)]
+            if over:
+                index, n = over[0]
+                start = str(examples[index].get("prompt", ""))[:60]
+                raise DataError(
+                    f"{name} example {index}'s prompt ({start!r}...) is {n} tokens, over the limit of {limit} "
+                    "(rollout.max_prompt_tokens, or the model's context less max_new_tokens); "
+                    f"{len(over)} of the {len(examples)} "
+                    f"{name} prompts are over it. Shorten or drop them, or set rollout.long_prompts=truncate to keep "
+                    "each one's last tokens"
+                )
+
+    def _nonfinite_inputs(
+        self, scores: Tensor, kept: Tensor, batch: dict[str, Tensor], mask: Tensor
+    ) -> tuple[str, str] | None:
+        """What upstream of the losses is NaN or inf this step, and what to do about it: the rewards, or the
+        policy's or the reference model's log-probs (from which the KL comes); None when all are finite."""
+        c = self.config
+        bad = kept & ~torch.isfinite(scores)
+        if bad.any():
+            return (f"a NaN or inf reward for {int(bad.sum())} of {len(scores)} responses (task {c.task!r}, "
+                    f"noise={c.noise})", "check the reward function or reward model")  # fmt: skip
+        on = mask.bool()
+        for key, who in (("old_logp", "the policy"), ("ref_logp", "the reference model")):
+            if key in batch and (bad := on & ~torch.isfinite(batch[key])).any():
+                kl = f", so in the KL to the reference (kl.mode={c.kl.mode})" if self.ref is not None else ""
+                return (f"a NaN or inf in {who}'s log-probs at {int(bad.sum())} response tokens{kl}",
+                        f"check {who}'s weights and precision={c.precision}, or lower actor.lr")  # fmt: skip
+        return None
+
+    def _fit_prompts(self, prompts: list[str]) -> tuple[list[str], int]:
+        """The step's prompts within the limit: with ``rollout.long_prompts=truncate`` the long ones cut to their
+        last tokens (returns how many were)."""
+        if self.config.rollout.long_prompts == "truncate":
+            return fit_prompts(self.tokenizer, prompts, self.prompt_limit)
+        return prompts, 0  # refused before training, if any was over
+
     # -- one step --------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
@@ -676,7 +753,7 @@ class Trainer:
         examples = [self.train[i] for i in self.data.take(c.rollout.prompts)][first:stop]
         if isinstance(self.noise, PseudoLabel):
             examples = self._pseudo_label(examples)
-        prompts = [self.task.prompt_text(self.tokenizer, e) for e in examples]
+        prompts, cut = self._fit_prompts([self.task.prompt_text(self.tokenizer, e) for e in examples])
         self.policy.eval()
         rollout = self._sample(prompts, first)
         times["generate"] = time.perf_counter() - t
@@ -752,6 +829,7 @@ class Trainer:
         if c.actor.loss == "flowrl":
             batch["seq_reward"] = ((adv * g_mask).sum(-1) / g_mask.sum(-1).clamp_min(1.0))[rows]
 
+        self._fault = self._nonfinite_inputs(scores, kept, batch, mask)
         t = time.perf_counter()
         update_metrics, skipped = self._update(batch, width, micro)
         if self.critic_updates > 1 and self.critic is not None:
@@ -769,6 +847,7 @@ class Trainer:
         metrics.update({
             "step": step,
             "data/epoch": self.data.epoch,
+            "data/truncated_prompts": distributed.sum_scalar(float(cut), world),
             "reward/observed": float(scores[kept].mean()) if kept.any() else 0.0,
             "reward/true": float(true[kept].mean()) if kept.any() else 0.0,
             "reward/observed_std": float(scores[kept].std()) if kept.sum() > 1 else 0.0,
@@ -1013,8 +1092,11 @@ class Trainer:
             norms["critic/grad_norm"] = self._clip(critic_params, c.critic.grad_clip)
         record.update(norms)
         if not math.isfinite(total_loss) or not all(math.isfinite(v) for v in norms.values()):
-            print(f"step {self.step}: non-finite loss or gradient ({total_loss}, {norms}); update skipped",
-                  file=sys.stderr)  # fmt: skip
+            if self._fault is None:  # nothing upstream was: name the losses and gradients that are not finite
+                parts = {k: v for k, v in {**record, "loss": total_loss}.items() if not math.isfinite(v)}
+                self._fault = ("a NaN or inf in " + ", ".join(f"{k}={v}" for k, v in parts.items()),
+                               "lower actor.lr or critic.lr")  # fmt: skip
+            print(f"step {self.step}: {self._fault[0]}; update skipped", file=sys.stderr)
             return record, False
         if actor_active or (self.critic is not None and c.critic.backbone == "shared"):
             self.actor_opt.step()
@@ -1173,13 +1255,15 @@ class Trainer:
         self.policy.eval()
         with torch.random.fork_rng():
             for split in [s for s in c.eval.splits.split(",") if s]:
-                r = evaluate(self.policy, self.tokenizer, self.task, split, c.eval.limit, max_new, batch_size=64)
+                r = evaluate(self.policy, self.tokenizer, self.task, split, c.eval.limit, max_new, batch_size=64,
+                             max_prompt_tokens=self.eval_prompt_limit)  # fmt: skip
                 r.pop("sample")
                 if c.eval.samples > 0:
                     torch.manual_seed(c.seed)
                     examples = self.task.examples(split, c.eval.limit)
                     r.update(sampled_metrics(self.policy, self.tokenizer, self.task, examples, c.eval.samples,
-                                             max_new, c.rollout.temperature, batch_size=32))  # fmt: skip
+                                             max_new, c.rollout.temperature, batch_size=32,
+                                             max_prompt_tokens=self.eval_prompt_limit))  # fmt: skip
                 results[split] = r
         self.policy.train(was_training)
         return results
