@@ -28,9 +28,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 def dfpo(*args: str, cwd: Path, pick: str = "") -> tuple[int, str]:
     """Run ``dfpo ARGS``; its exit code and the first line it printed holding ``pick`` (else its last line)."""
     done = subprocess.run([sys.executable, "-m", "dfpo", *args], cwd=cwd, env=ENV, capture_output=True, text=True)
-    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip() and "Loading" not in line]
-    picked = [line for line in lines if pick and pick in line]
-    return done.returncode, (picked or lines or [""])[0 if picked else -1]
+
+    def kept(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip() and "Loading" not in line]
+
+    picked = [line for line in kept(done.stderr + "\n" + done.stdout) if pick and pick in line]
+    last = kept(done.stderr if done.returncode else done.stdout) or [""]
+    return done.returncode, picked[0] if picked else last[-1]
 
 
 def main() -> None:
@@ -71,9 +75,19 @@ def main() -> None:
         case("torn last line of metrics.jsonl", [*train, "resume=auto"],
              lambda r: (r / "metrics.jsonl").open("a").write('{"step": 3, "rew'), "resume:")  # fmt: skip
         case("moved run folder", [*train, "resume=auto"], lambda r: None, "resume:")
-        for setting in ("rollout.top_p=-1", "rollout.top_p=0", "rollout.top_p=2", "critic.width=0", "actor.lr=-1",
-                        "kl.coef=-5", "kl.coef=nan", "checkpoint.every=-1", "run_dir=runs/{nope}"):  # fmt: skip
-            case(f"setting {setting}", ["train", *SMALL, "steps=1", "run_dir=RUN", setting])
+        settings = (
+            "rollout.top_p=-1",
+            "rollout.top_p=0",
+            "rollout.top_p=2",
+            "algo=dfpo critic.width=0",
+            "actor.lr=-1",
+            "kl.coef=-5",
+            "kl.coef=nan",
+            "checkpoint.every=-1",
+            "run_dir=runs/{nope}",
+        )
+        for setting in settings:
+            case(f"setting {setting}", ["train", *SMALL, "steps=1", "run_dir=RUN", *setting.split()])
         yaml = work / "list.yaml"
         yaml.write_text("run_dir: [a, b]\n")
         case("YAML list for a string key", ["train", "--config", str(yaml), *SMALL, "steps=1"])
@@ -107,8 +121,9 @@ def main() -> None:
 
         # SIGTERM at a random step of a run with no periodic checkpoints
         run = work / "sigterm"
-        child = subprocess.Popen([sys.executable, "-m", "dfpo", "train", *SMALL, "steps=50", f"run_dir={run}"],
-                                 cwd=work, env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        command = [sys.executable, "-m", "dfpo", "train", *SMALL, "steps=50", f"run_dir={run}"]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        child = subprocess.Popen(command, cwd=work, env=ENV, **quiet)
         metrics = run / "metrics.jsonl"
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             time.sleep(0.05)

@@ -193,8 +193,11 @@ def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers:
 def _damaged(path: Path, error: Exception) -> CheckpointError:
     if isinstance(error, CheckpointError):
         return error
+    # the loader's own message, first line only: torch.load's runs to a page of advice on weights_only
+    lines = str(error).strip().splitlines() or [""]
+    detail = lines[0][:200] + (" ..." if len(lines) > 1 or len(lines[0]) > 200 else "")
     return CheckpointError(
-        f"{path} is damaged or incomplete ({type(error).__name__}: {error}); resume from another checkpoint "
+        f"{path} is damaged or incomplete ({type(error).__name__}: {detail}); resume from another checkpoint "
         f"(resume=<folder in {path.parent.parent}>) or start over in a new run_dir"
     )
 
