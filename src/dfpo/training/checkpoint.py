@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -193,9 +194,12 @@ def load_into(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizers:
 def _damaged(path: Path, error: Exception) -> CheckpointError:
     if isinstance(error, CheckpointError):
         return error
-    # the loader's own message, first line only: torch.load's runs to a page of advice on weights_only
+    # the loader's own message, first line only; torch.load's advice to load with weights_only=False (which runs
+    # code from the file) is not for a damaged checkpoint
     lines = str(error).strip().splitlines() or [""]
     detail = lines[0][:200] + (" ..." if len(lines) > 1 or len(lines[0]) > 200 else "")
+    if isinstance(error, pickle.UnpicklingError):
+        detail = "not a readable tensor file"
     return CheckpointError(
         f"{path} is damaged or incomplete ({type(error).__name__}: {detail}); resume from another checkpoint "
         f"(resume=<folder in {path.parent.parent}>) or start over in a new run_dir"
