@@ -11,7 +11,7 @@ Settings (each an environment for the measured process):
 
 - ``dfpo default``: ``threads=0``, one torch thread per core that other processes leave free when the run starts;
 - ``torch's threads``: torch's default count (the physical cores) whatever the load: what ``dfpo`` did before;
-- ``torch's threads, passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep at a barrier
+- ``torch's threads + passive``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep at a barrier
   instead of spinning);
 - ``1 thread``: ``threads=1``.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 SETTINGS = {
     "dfpo default": {},
     "torch's threads": {"DFPO_BENCH_THREADS": "torch"},
-    "torch's threads, passive": {"DFPO_BENCH_THREADS": "torch", "OMP_WAIT_POLICY": "PASSIVE"},
+    "torch's threads + passive": {"DFPO_BENCH_THREADS": "torch", "OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"DFPO_BENCH_THREADS": "1"},
 }
 
