@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-import dfpo.rollout as rollout_module
+import dfpo.generation.rollout as rollout_module
 import dfpo.tasks as tasks
 from dfpo.evaluate import render_prompt
+from dfpo.generation.rollout import generate_batch, response_forward
 from dfpo.models import load_model
-from dfpo.rollout import generate_batch, response_forward
 from dfpo.tasks.presets import preset, task_options_for
 
 

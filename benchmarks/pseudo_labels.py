@@ -17,7 +17,7 @@ import torch
 
 from dfpo.evaluate import generate, render_prompt
 from dfpo.models import load_model
-from dfpo.tasks.noise import PseudoLabel
+from dfpo.supervision.noise import PseudoLabel
 from dfpo.tasks.presets import PRESETS
 
 

@@ -1,17 +1,18 @@
 """Train the dialogue reward model from scratch and measure it on held-out stories.
 
-Builds gold-vs-negative pairs (:func:`dfpo.reward_model.make_pairs`) from the train stories of the ``dialogue``
-task, extracts the frozen SmolLM2-135M-Instruct features once, picks the head's L2 penalty on a story-disjoint
-validation fifth of the train pairs, refits on all train pairs, and reports the held-out pair accuracy (share of
-eval-story pairs with score(gold) > score(negative)), per negative kind, and the scoring cost. With ``--out`` the
-head and a JSON of settings and measurements are written there; the shipped head was made by::
+Builds gold-vs-negative pairs (:func:`dfpo.supervision.reward_model.make_pairs`) from the train stories of the
+``dialogue`` task, extracts the frozen SmolLM2-135M-Instruct features once, picks the head's L2 penalty on a
+story-disjoint validation fifth of the train pairs, refits on all train pairs, and reports the held-out pair
+accuracy (share of eval-story pairs with score(gold) > score(negative)), per negative kind, and the scoring cost.
+With ``--out`` the head and a JSON of settings and measurements are written there; the shipped head was made by::
 
-    .venv/bin/python benchmarks/reward_model.py --out src/dfpo/reward_models/coqa-smollm2
+    .venv/bin/python benchmarks/reward_model.py --out src/dfpo/supervision/reward_models/coqa-smollm2
 
 (about 7 minutes on one CPU thread, the other core busy). ``--load FOLDER`` measures a saved head instead of
 training one, and ``--generated N`` also scores SmolLM2's own sampled answers to N eval turns (4 each, temperature
 1) and reports how the reward model's scores agree with their true F1 (several more minutes); the numbers in
-:mod:`dfpo.reward_model` came from ``--load src/dfpo/reward_models/coqa-smollm2 --generated 32``.
+:mod:`dfpo.supervision.reward_model` came from
+``--load src/dfpo/supervision/reward_models/coqa-smollm2 --generated 32``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 import dfpo.tasks as tasks
 from dfpo.models import load_model
-from dfpo.reward_model import RewardModel, fit_head, make_pairs, pair_accuracy
+from dfpo.supervision.reward_model import RewardModel, fit_head, make_pairs, pair_accuracy
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
 SAMPLES_PER_TURN = 4

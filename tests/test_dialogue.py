@@ -9,10 +9,10 @@ import dfpo.models
 import dfpo.tasks as tasks
 from dfpo import evaluate as evaluate_module
 from dfpo.assets import MissingAssetError
-from dfpo.reward_model import HEAD_DIR, RewardModel, RewardModelNoise, make_pairs
+from dfpo.supervision.noise import make_noise
+from dfpo.supervision.reward_model import HEAD_DIR, RewardModel, RewardModelNoise, make_pairs
 from dfpo.tasks import dialogue as dialogue_module
 from dfpo.tasks.dialogue import answer_text, exact_match, normalize_answer, token_f1
-from dfpo.tasks.noise import make_noise
 
 
 @pytest.fixture(scope="module")

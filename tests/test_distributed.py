@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from dfpo.cli import main
 from dfpo.distributed import World
+from dfpo.generation.rollout import concat_rollouts, response_forward, sample
 from dfpo.models import load_model
-from dfpo.rollout import concat_rollouts, response_forward, sample
-from dfpo.tasks.noise import make_noise
+from dfpo.supervision.noise import make_noise
 
 # 4 prompts x 2 samples per step; 2 prompts per generate call, so that one process and two sample the same
 # rollouts; the critic learns from the first step on, so that both the actor and the critic are compared

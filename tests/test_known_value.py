@@ -119,8 +119,8 @@ def test_bernoulli_draws_are_reproducible_and_keyed_by_the_seed():
 
 def test_tiny_model_rewards_match_the_known_values():
     from dfpo.evaluate import render_prompt
+    from dfpo.generation.rollout import sample
     from dfpo.models import load_model
-    from dfpo.rollout import sample
 
     model, tokenizer = load_model("tiny")
     prompt_task = tasks.get("known_value", **task_options_for("tiny", "known_value", {"kind": "prompt"}))

@@ -16,19 +16,10 @@ import pytest
 import torch
 
 from dfpo.cli import main
-from dfpo.noisy import (
-    ABLATIONS,
-    SCALES,
-    CellFailed,
-    NoisyConfig,
-    _benchmark_examples,
-    _benchmark_task,
-    _chosen_lrs,
-    _grid_cells,
-    equal_parameter_width,
-    run_cell,
-    variant_settings,
-)
+from dfpo.experiments.noisy import ABLATIONS, SCALES, CellFailed, NoisyConfig
+from dfpo.experiments.noisy.cell import _benchmark_examples, _benchmark_task, run_cell
+from dfpo.experiments.noisy.grid import _grid_cells, equal_parameter_width, variant_settings
+from dfpo.experiments.noisy.runner import _chosen_lrs
 from dfpo.stats import fixed, mean_interval, paired, t_quantile
 from dfpo.training.trainer import _prompt_share, _signal_share
 
@@ -99,7 +90,9 @@ def test_grid_cells_cover_every_combination_seed_by_seed():
 
 
 def test_domain_settings_change_memory_only_and_the_grid_can_override_them():
-    from dfpo.noisy import Cell, _budget, _cell_settings, _domain_settings_line
+    from dfpo.experiments.noisy.grid import Cell
+    from dfpo.experiments.noisy.report import _domain_settings_line
+    from dfpo.experiments.noisy.runner import _budget, _cell_settings
     from dfpo.training.config import build_config
 
     memory_only = ("actor.micro_batch=", "actor.checkpoint_prompts=", "rollout.batch_size=")
@@ -206,7 +199,7 @@ def test_equal_parameter_width_matches_the_flow_head():
 
 
 def test_stability_of_a_heldout_curve():
-    from dfpo.noisy import stability
+    from dfpo.experiments.noisy.cell import stability
 
     curve = [{"step": s, "accuracy": a} for s, a in enumerate([0.40, 0.50, 0.30, 0.45, 0.35])]
     result = stability(curve)
@@ -297,7 +290,8 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
-    from dfpo.noisy import Cell, _budget, _cell_settings
+    from dfpo.experiments.noisy.grid import Cell
+    from dfpo.experiments.noisy.runner import _budget, _cell_settings
     from dfpo.training.config import build_config
     from dfpo.training.trainer import Trainer
 

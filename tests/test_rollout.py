@@ -6,8 +6,7 @@ import torch
 
 import dfpo.tasks as tasks
 from dfpo.evaluate import render_prompt
-from dfpo.models import load_model
-from dfpo.rollout import (
+from dfpo.generation.rollout import (
     forward_positions,
     generate_batch,
     position_ids,
@@ -17,6 +16,7 @@ from dfpo.rollout import (
     sample,
     trunk_hidden,
 )
+from dfpo.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_generating_n_answers_from_one_prefill_equals_generating_every_row_whole
 
 def _all_rows_whole(monkeypatch):
     """Make every row run its prompt itself, as if no two rows shared one."""
-    import dfpo.rollout as rollout
+    import dfpo.generation.rollout as rollout
 
     monkeypatch.setattr(rollout, "_shared_prefixes", lambda *args: None)
 

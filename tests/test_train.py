@@ -428,7 +428,7 @@ def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path):
     through a separate critic trunk, a micro-batch at a time): the critic's loss on that batch falls, the actor and
     the policy are untouched by them (a shared trunk too: the extra steps train the head alone), and the whole
     step stays finite."""
-    from dfpo.rollout import trunk_hidden
+    from dfpo.generation.rollout import trunk_hidden
 
     base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL, f"critic.backbone={backbone}"]
     extra = ["actor.micro_batch=4"] if backbone == "separate" else []

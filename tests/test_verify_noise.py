@@ -6,7 +6,8 @@ import time
 import pytest
 
 import dfpo.tasks as tasks
-from dfpo.tasks.noise import Clean, Flip, Gaussian, PseudoLabel, majority_vote, make_noise
+from dfpo.supervision.noise import Clean, Flip, Gaussian, PseudoLabel, make_noise
+from dfpo.tasks.base import majority_vote
 from dfpo.tasks.verify import MathVerifier, VerifierError
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dfpo.config import ConfigError
+from dfpo.generation.rollout import sample
+from dfpo.generation.vllm_engine import rollout_from_tokens
 from dfpo.models import load_model
-from dfpo.rollout import sample
 from dfpo.training.config import build_config
-from dfpo.vllm_engine import rollout_from_tokens
 
 
 def test_vllm_engine_is_refused_with_the_fix_where_it_cannot_run():

@@ -12,8 +12,8 @@ order), with the same group size, response length, batch, sampling temperature, 
 Model FLOP utilisation (MFU) divides the model's matrix FLOPs by the time and by a matrix-product peak measured
 in the parent process of the same run (fp32, or bf16 with ``precision=bf16``): ``2 x non-embedding parameters``
 per token position run through a model forward, twice that for a backward. The positions are those actually
-computed: a prompt shared by several rows runs once (see :mod:`dfpo.rollout`). Attention's sequence-length term
-and the critic heads are left out, so MFU is a lower bound.
+computed: a prompt shared by several rows runs once (see :mod:`dfpo.generation.rollout`). Attention's
+sequence-length term and the critic heads are left out, so MFU is a lower bound.
 """
 
 from __future__ import annotations

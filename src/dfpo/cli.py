@@ -112,8 +112,8 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
 
     from dfpo import cpu
     from dfpo.evaluate import evaluate, sampled_metrics
+    from dfpo.generation.rollout import context_limit
     from dfpo.models import load_model
-    from dfpo.rollout import context_limit
     from dfpo.tasks.presets import preset, task_options_for
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
@@ -282,7 +282,7 @@ def run_export(config: ExportConfig, command: str) -> None:
 def _benches() -> dict[str, tuple[type, Any]]:
     from dfpo.bench import ThroughputConfig, run_throughput
     from dfpo.experiments.critic_learning import CriticBenchConfig, run_critic_bench
-    from dfpo.noisy import NoisyConfig, run_noisy
+    from dfpo.experiments.noisy import NoisyConfig, run_noisy
 
     return {
         "throughput": (ThroughputConfig, run_throughput),
@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that name a problem with the user's input or environment and its fix: shown without a traceback."""
     from dfpo.assets import MissingAssetError
-    from dfpo.noisy import CellFailed
-    from dfpo.tasks.noise import NoiseError
+    from dfpo.experiments.noisy import CellFailed
+    from dfpo.supervision.noise import NoiseError
     from dfpo.tasks.user import DataError, RewardFunctionError
     from dfpo.training.checkpoint import CheckpointError
     from dfpo.training.trainer import TrainingDiverged

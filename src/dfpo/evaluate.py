@@ -1,7 +1,7 @@
-"""Batched generation with a Hugging Face causal LM, and task accuracy on a split.
+"""Task accuracy on a split: greedy (:func:`evaluate`) and sampled (``mean@k``, ``maj@k``: :func:`sampled_metrics`).
 
-Prompts are rendered with the tokenizer's chat template when it has one (plain ``prompt + newline`` otherwise),
-left-padded, and generated with the KV cache; greedy unless a temperature is given.
+Prompts are rendered with the tokenizer's chat template when it has one (plain ``prompt + newline`` otherwise) and
+generated in batches by :mod:`dfpo.generation.rollout`.
 """
 
 from __future__ import annotations
@@ -9,41 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dfpo.rollout import fit_prompts, generate_batch
+from dfpo.generation.rollout import fit_prompts, generate, generate_with_ids
 from dfpo.tasks.answers import extract_final_answer
-from dfpo.tasks.base import Task, render_prompt
+from dfpo.tasks.base import Task, majority_vote, render_prompt
 
 __all__ = ["evaluate", "generate", "render_prompt", "sampled_metrics"]
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-) -> tuple[list[str], list[bool]]:
-    """Completions of ``prompts`` and, for each, whether it was cut at ``max_new_tokens`` (no end token)."""
-    texts, truncated, _ = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
-    return texts, truncated
-
-
-def _generate(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-    top_p: float = 1.0,
-) -> tuple[list[str], list[bool], list[list[int]]]:  # fmt: skip
-    """:func:`generate`, with each completion's token ids."""
-    texts, truncated, ids = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        rollout = generate_batch(
-            model, tokenizer, prompts[start : start + batch_size], max_new_tokens, temperature, top_p
-        )
-        texts += rollout.completions
-        truncated += rollout.truncated.tolist()
-        ids += rollout.completion_ids
-    return texts, truncated, ids
 
 
 def evaluate(
@@ -69,7 +39,7 @@ def evaluate(
     examples = task.examples(split, limit) if examples is None else examples
     prompts, cut = fit_prompts(tokenizer, [task.prompt_text(tokenizer, e) for e in examples], max_prompt_tokens)
     errors_before, start = task.verifier_errors, time.perf_counter()
-    completions, truncated, ids = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    completions, truncated, ids = generate_with_ids(model, tokenizer, prompts, max_new_tokens, batch_size)
     scored = [s for s in task.score_batch(completions, examples, ids) if s is not None]
     n = len(examples)
     result: dict[str, Any] = {"accuracy": sum(scored) / max(1, len(scored)), "n": n}
@@ -106,8 +76,7 @@ def sampled_metrics(
 
     Draws from torch's global generator: seed it (or fork it) around the call.
     """
-    from dfpo.rollout import sample
-    from dfpo.tasks.noise import majority_vote
+    from dfpo.generation.rollout import sample
 
     mean = majority = 0.0
     for start in range(0, len(examples), batch_size):

@@ -150,7 +150,7 @@ def _model_settings(model: str) -> list[str]:
     """The noisy grid's training settings for a model it has a scale for (SmolLM2's actor lr 2e-6, flow critic
     K and width), less its batch shape and critic backbone, which this benchmark sets: the tiny model's defaults
     would wreck SmolLM2."""
-    from dfpo.noisy import SCALES
+    from dfpo.experiments.noisy.grid import SCALES
 
     scale = SCALES.get(model)
     return [s for s in scale.settings if not s.startswith(("rollout.", "critic.backbone="))] if scale else []
@@ -177,7 +177,7 @@ def _split(value: str) -> list[str]:
 
 def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     from dfpo.config import flatten
-    from dfpo.noisy import _code_version
+    from dfpo.experiments.noisy.grid import _code_version
     from dfpo.training.config import BACKBONES, build_config
     from dfpo.training.trainer import Trainer
 
@@ -239,7 +239,7 @@ def _f(x: Any, digits: int = 2) -> str:
 
 def write_summary(out: Path, config: CriticBenchConfig, command: str, cells: dict[str, Any]) -> str:
     """``summary.md``: the explained-variance table against the probe, and the distribution table."""
-    from dfpo.noisy import _code_version
+    from dfpo.experiments.noisy.grid import _code_version
 
     current = _code_version()
     versions = Counter(cell.get("code", "not recorded") for cell in cells.values())

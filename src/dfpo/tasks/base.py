@@ -125,3 +125,18 @@ def target_text(example: dict[str, Any]) -> str:
 def get(name: str, **options: Any) -> Task:
     """A new instance of task ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
     return TASKS.get(name)(**options)
+
+
+def majority_vote(task: Task, example: dict[str, Any], completions: list[str]) -> tuple[str | None, float]:
+    """The most frequent marked answer among ``completions`` and the share of them that gave it.
+
+    Answers are grouped by ``task.vote_key`` (numbers by value); a tie goes to the answer seen first; completions
+    without a marked answer vote for nothing. ``(None, 0.0)`` when no completion has one.
+    """
+    votes: dict[str, list[str]] = {}
+    for completion in completions:
+        answer = task.vote_answer(completion, example)
+        if answer is not None:
+            votes.setdefault(task.vote_key(answer), []).append(answer)
+    winner = max(votes.values(), key=len, default=None)  # max keeps the first of equals: insertion order
+    return (winner[0], len(winner) / len(completions)) if winner else (None, 0.0)

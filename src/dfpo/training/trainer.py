@@ -59,8 +59,7 @@ from dfpo.core.masked import explained_variance, masked_mean, masked_whiten
 from dfpo.core.streams import stream_seed
 from dfpo.critics import CriticContext
 from dfpo.evaluate import evaluate, sampled_metrics
-from dfpo.models import add_lora, load_adapters, load_model
-from dfpo.rollout import (
+from dfpo.generation.rollout import (
     Rollout,
     concat_rollouts,
     context_limit,
@@ -73,7 +72,8 @@ from dfpo.rollout import (
     sample,
     trunk_hidden,
 )
-from dfpo.tasks.noise import PseudoLabel, make_noise
+from dfpo.models import add_lora, load_adapters, load_model
+from dfpo.supervision.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.tasks.user import DataError, RewardFunctionError
 from dfpo.training import checkpoint as ckpt
@@ -392,8 +392,8 @@ class Trainer:
         self.rollout_policy = self._frozen(copy.deepcopy(self.policy).to(torch.bfloat16)) if bf16_copy else None
         self.engine = None
         if c.rollout.engine == "vllm":  # vLLM samples from the starting weights, then from each update's
+            from dfpo.generation.vllm_engine import VLLMEngine
             from dfpo.models import resolve_model
-            from dfpo.vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine(str(resolve_model(c.model)), self.tokenizer, c.rollout.vllm_memory,
                                      self.world.active, c.seed)  # fmt: skip

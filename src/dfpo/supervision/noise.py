@@ -11,7 +11,7 @@ true reward is always ``task.score`` against the gold answer. ``flip`` and ``gau
 ``pseudo_label(n)`` scores against the majority vote of n samples of the starting policy
 (:class:`PseudoLabel`). A ``None`` reward (a user reward that skips a sample) stays ``None``.
 
-``reward_model`` scores with a learned reward model (:mod:`dfpo.reward_model`, for the dialogue task).
+``reward_model`` scores with a learned reward model (:mod:`dfpo.supervision.reward_model`, for the dialogue task).
 
 Specs accepted by :func:`make_noise`: ``clean``, ``flip(p)``, ``gaussian(sigma)``, ``pseudo_label(n)``,
 ``reward_model``.
@@ -22,45 +22,17 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from dfpo.supervision.base import NoiseError, NoiseModel, NoisyRewards
+from dfpo.tasks.base import majority_vote
 
 if TYPE_CHECKING:
     from dfpo.tasks.base import Task
 
-
-class NoiseError(ValueError):
-    """A noise model that cannot apply to the rewards it was given (flips of a graded reward)."""
-
-
-@dataclass(frozen=True)
-class NoisyRewards:
-    """Rewards of one batch: ``observed`` (what the learner gets), ``true``, and the realised noise ``rate``
-    (fraction of flipped labels for ``flip``; root-mean-square perturbation for ``gaussian``; fraction of samples
-    whose observed reward differs from the true one for ``pseudo_label``; mean absolute difference for
-    ``reward_model``). ``None`` marks a sample the reward skips."""
-
-    observed: list[float | None]
-    true: list[float | None]
-    rate: float
-
-
-class NoiseModel(Protocol):
-    name: str
-
-    def score(
-        self,
-        task: Task,
-        completions: list[str],
-        examples: list[dict[str, Any]],
-        step: int,
-        first: int = 0,
-        completion_ids: list[list[int]] | None = None,
-    ) -> NoisyRewards:
-        """Observed and true rewards of ``completions`` (one example each) at training step ``step``; ``first`` is
-        the index of the first completion in the step's whole batch (a process's share starts there)."""
-        ...
+__all__ = ["Clean", "Flip", "Gaussian", "NoiseError", "NoiseModel", "NoisyRewards", "PseudoLabel", "make_noise"]
 
 
 class RewardNoise(ABC):
@@ -161,21 +133,6 @@ class Gaussian(RewardNoise):
 _SPEC = re.compile(r"^\s*(\w+)\s*(?:\(\s*([^)]*)\s*\))?\s*$")
 
 
-def majority_vote(task: Task, example: dict[str, Any], completions: list[str]) -> tuple[str | None, float]:
-    """The most frequent marked answer among ``completions`` and the share of them that gave it.
-
-    Answers are grouped by ``task.vote_key`` (numbers by value); a tie goes to the answer seen first; completions
-    without a marked answer vote for nothing. ``(None, 0.0)`` when no completion has one.
-    """
-    votes: dict[str, list[str]] = {}
-    for completion in completions:
-        answer = task.vote_answer(completion, example)
-        if answer is not None:
-            votes.setdefault(task.vote_key(answer), []).append(answer)
-    winner = max(votes.values(), key=len, default=None)  # max keeps the first of equals: insertion order
-    return (winner[0], len(winner) / len(completions)) if winner else (None, 0.0)
-
-
 @dataclass(frozen=True)
 class PseudoLabel:
     """Test-time-RL supervision: the majority answer of ``n`` samples of the starting policy replaces the gold one.
@@ -207,7 +164,7 @@ class PseudoLabel:
         """``examples`` with ``pseudo_answer`` set by majority vote, and ``{"accuracy", "abstain_rate",
         "agreement"}``: the share of pseudo-labels that are right, that are missing, and the mean share of the n
         votes that the winning answer got. Sampling is seeded by ``seed``."""
-        from dfpo.evaluate import generate
+        from dfpo.generation.rollout import generate
 
         prompts = [task.prompt_text(tokenizer, e) for e in examples for _ in range(self.n)]
         torch.manual_seed(self.seed)
@@ -262,7 +219,7 @@ def make_noise(spec: str, seed: int = 0) -> NoiseModel:
     if name == "reward_model":
         if arg:
             raise ValueError(f"noise 'reward_model' takes no argument, got {spec!r}")
-        from dfpo.reward_model import RewardModelNoise  # loads a backbone: only on demand
+        from dfpo.supervision.reward_model import RewardModelNoise  # loads a backbone: only on demand
 
         return RewardModelNoise(seed=seed)
     cls, parse = _MODELS[name]

@@ -66,15 +66,15 @@ import torch
 from torch import Tensor
 
 from dfpo.assets import MissingAssetError
+from dfpo.supervision.base import NoisyRewards
 from dfpo.tasks.dialogue import answer_text, normalize_answer, references, token_f1
 
 if TYPE_CHECKING:
     from dfpo.tasks.base import Task
-    from dfpo.tasks.noise import NoisyRewards
 
 HEAD_DIR = Path(__file__).parent / "reward_models" / "coqa-smollm2"
 HEAD_FILE, META_FILE = "head.safetensors", "reward_model.json"
-REBUILD = "`.venv/bin/python benchmarks/reward_model.py --out src/dfpo/reward_models/coqa-smollm2`"
+REBUILD = "`.venv/bin/python benchmarks/reward_model.py --out src/dfpo/supervision/reward_models/coqa-smollm2`"
 NEGATIVE_F1 = 0.5  # a candidate negative at least this close to a gold answer is not a negative
 
 _SENTENCE = re.compile(r"(?<=[.!?\"'])\s+|\n+")
@@ -431,8 +431,6 @@ class RewardModelNoise:
         first: int = 0,
         completion_ids: list[list[int]] | None = None,
     ) -> NoisyRewards:
-        from dfpo.tasks.noise import NoisyRewards
-
         true = task.score_batch(completions, examples, completion_ids)
         kept = [i for i, t in enumerate(true) if t is not None]
         scores = self.reward_model().score_batch([examples[i] for i in kept], [completions[i] for i in kept])

@@ -192,6 +192,36 @@ def generate_batch(
     )
 
 
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> tuple[list[str], list[bool]]:
+    """Completions of ``prompts`` and, for each, whether it was cut at ``max_new_tokens`` (no end token)."""
+    texts, truncated, _ = generate_with_ids(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p)
+    return texts, truncated
+
+
+def generate_with_ids(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> tuple[list[str], list[bool], list[list[int]]]:  # fmt: skip
+    """:func:`generate`, with each completion's token ids."""
+    texts, truncated, ids = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        rollout = generate_batch(
+            model, tokenizer, prompts[start : start + batch_size], max_new_tokens, temperature, top_p
+        )
+        texts += rollout.completions
+        truncated += rollout.truncated.tolist()
+        ids += rollout.completion_ids
+    return texts, truncated, ids
+
+
 def sample(
     model: Any,
     tokenizer: Any,
@@ -209,7 +239,7 @@ def sample(
     if n < 1:
         raise ValueError(f"sample needs n >= 1 responses per prompt, got {n}")
     if temperature <= 0:
-        raise ValueError(f"sample needs temperature > 0 (greedy decoding is dfpo.evaluate.generate), got {temperature}")
+        raise ValueError(f"sample needs temperature > 0 (greedy decoding is generate), got {temperature}")
     return generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, repeats=n)
 
 

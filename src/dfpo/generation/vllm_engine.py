@@ -6,7 +6,7 @@ scores them with the policy itself, so the log-probs and the losses are those of
 vLLM's numerics. After every update the policy's weights are loaded into vLLM (:meth:`VLLMEngine.sync`).
 
 Needs a CUDA GPU and ``pip install '.[vllm]'``; it is import-guarded, and not exercised on CPU machines (the
-conversion of vLLM's outputs into a :class:`~dfpo.rollout.Rollout` is: :func:`rollout_from_tokens`).
+conversion of vLLM's outputs into a :class:`~dfpo.generation.rollout.Rollout` is: :func:`rollout_from_tokens`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dfpo.rollout import Rollout, response_mask
+from dfpo.generation.rollout import Rollout, response_mask
 
 
 def rollout_from_tokens(
@@ -30,7 +30,7 @@ def rollout_from_tokens(
     device: torch.device | str = "cpu",
 ) -> Rollout:
     """A :class:`Rollout` from token ids: ``prompts[i]`` answered by ``responses[i * repeats + j]``, ``j < repeats``;
-    prompts left-padded, responses right-padded (the layout :func:`dfpo.rollout.generate_batch` returns)."""
+    prompts left-padded, responses right-padded (the layout :func:`dfpo.generation.rollout.generate_batch` returns)."""
     if len(responses) != len(prompts) * repeats or len(truncated) != len(responses):
         raise ValueError(f"{len(prompts)} prompts x {repeats} need as many responses, got {len(responses)}")
     width_p = max(len(p) for p in prompts)

@@ -15,7 +15,7 @@ import transformers.models.llama.modeling_llama
 import transformers.tokenization_utils_tokenizers  # noqa: F401
 
 import dfpo.evaluate
+import dfpo.experiments.noisy.cell
 import dfpo.models
-import dfpo.noisy
 import dfpo.tasks
 import dfpo.training.trainer  # noqa: F401

@@ -1,0 +1,81 @@
+"""The package's layers: every import, at module level or inside a function, goes down the stack, never up, and no
+module imports itself back through others (``docs/architecture.md`` draws the layers)."""
+
+import ast
+from pathlib import Path
+
+import dfpo
+
+ROOT = Path(dfpo.__file__).parent
+
+# lowest first; a module may import its own layer's modules and any below
+LAYERS = [
+    ("core", "critics"),  # pure torch (tests/test_core_misc.py holds them to torch alone)
+    ("config", "assets", "models", "cpu", "distributed", "tiny"),
+    ("tasks", "generation"),  # prompts, answers, verifiers, user data | sampling and greedy decoding
+    ("supervision", "evaluate", "stats"),  # noise models, pseudo-labels, the reward model | accuracy on a split
+    ("training", "sft"),
+    ("experiments", "bench"),
+    ("api", "cli", "__main__", "__init__"),
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dfpo") and not node.level:
+                targets = [node.module]
+                if node.module == "dfpo" or f"{node.module}.{node.names[0].name}" in modules:
+                    targets = [f"{node.module}.{a.name}" for a in node.names]
+                found.update(t for t in targets if t in modules)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("dfpo.") and a.name in modules)
+        graph[name] = found - {name}
+    return graph
+
+
+def test_every_import_goes_down_the_layers():
+    graph = _imports()
+    unplaced = sorted({_top(m) for m in graph} - set(RANK))
+    assert not unplaced, f"place these in LAYERS: {unplaced}"
+    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if RANK[_top(b)] > RANK[_top(a)]]
+    assert not upward, upward
+
+
+def test_no_import_cycle():
+    graph, seen, stack, cycles = _imports(), set(), [], []
+
+    def visit(node: str) -> None:
+        if node in stack:
+            cycles.append([*stack[stack.index(node) :], node])
+            return
+        if node in seen:
+            return
+        seen.add(node)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target != _package(node):  # a module may import its own package's __init__
+                visit(target)
+        stack.pop()
+
+    for module in sorted(graph):
+        visit(module)
+    assert not cycles, cycles
+
+
+def _package(module: str) -> str:
+    return module.rsplit(".", 1)[0]
