@@ -3,8 +3,8 @@ TRL's GRPOTrainer side by side (each system in its own process, interleaved over
 
 import json
 
-from dfpo.bench import matmul_peak
 from dfpo.cli import main
+from dfpo.experiments.throughput import matmul_peak
 
 SMALL = ["steps=1", "prompts=2", "samples=2", "max_new_tokens=12"]
 
@@ -55,7 +55,7 @@ def test_update_passes_count_what_each_step_runs():
     its forward and backward on a shared trunk; a separate trunk adds 3 per critic step."""
     from types import SimpleNamespace
 
-    from dfpo.bench import _update_passes
+    from dfpo.experiments.throughput import _update_passes
 
     def trainer(backbone, updates=1, fused=False, checkpoint=0):
         config = SimpleNamespace(actor=SimpleNamespace(epochs=1, checkpoint_prompts=checkpoint),

@@ -13,9 +13,9 @@ LAYERS = [
     ("core", "critics"),  # pure torch (tests/test_core_misc.py holds them to torch alone)
     ("config", "assets", "models", "cpu", "distributed", "tiny"),
     ("tasks", "generation"),  # prompts, answers, verifiers, user data | sampling and greedy decoding
-    ("supervision", "evaluate", "stats"),  # noise models, pseudo-labels, the reward model | accuracy on a split
+    ("supervision", "evaluate"),  # noise models, pseudo-labels, the reward model | accuracy on a split
     ("training", "sft"),
-    ("experiments", "bench"),
+    ("experiments",),
     ("api", "cli", "__main__", "__init__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -20,7 +20,7 @@ from dfpo.experiments.noisy import ABLATIONS, SCALES, CellFailed, NoisyConfig
 from dfpo.experiments.noisy.cell import _benchmark_examples, _benchmark_task, run_cell
 from dfpo.experiments.noisy.grid import _grid_cells, equal_parameter_width, variant_settings
 from dfpo.experiments.noisy.runner import _chosen_lrs
-from dfpo.stats import fixed, mean_interval, paired, t_quantile
+from dfpo.experiments.stats import fixed, mean_interval, paired, t_quantile
 from dfpo.training.trainer import _prompt_share, _signal_share
 
 TINY = ["steps=2", "eval_limit=6", "seeds=0", "train=sub"]

@@ -280,9 +280,9 @@ def run_export(config: ExportConfig, command: str) -> None:
 
 
 def _benches() -> dict[str, tuple[type, Any]]:
-    from dfpo.bench import ThroughputConfig, run_throughput
     from dfpo.experiments.critic_learning import CriticBenchConfig, run_critic_bench
     from dfpo.experiments.noisy import NoisyConfig, run_noisy
+    from dfpo.experiments.throughput import ThroughputConfig, run_throughput
 
     return {
         "throughput": (ThroughputConfig, run_throughput),

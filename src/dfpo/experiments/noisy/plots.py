@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dfpo.experiments.noisy.grid import ABLATIONS, MAIN_ALGOS, Scale, _averages, _ordered
-from dfpo.stats import mean_interval
+from dfpo.experiments.stats import mean_interval
 
 
 def _colors(variants: list[str]) -> dict[str, Any]:

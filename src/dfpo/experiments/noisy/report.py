@@ -13,7 +13,7 @@ from typing import Any
 from dfpo.experiments.noisy.cell import _final_true_reward, stability
 from dfpo.experiments.noisy.grid import ABLATIONS, MAIN_ALGOS, SCALES, Scale, _averages, _ordered
 from dfpo.experiments.noisy.plots import _plot_accuracy, _plot_curves
-from dfpo.stats import fixed, mean_interval, paired
+from dfpo.experiments.stats import fixed, mean_interval, paired
 
 # -- the report ----------------------------------------------------------------------------------------------------
 

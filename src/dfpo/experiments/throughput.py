@@ -218,7 +218,7 @@ def _child(config: ThroughputConfig, system: str) -> dict[str, Any]:
 def _run_child(config: ThroughputConfig, system: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         spec = json.dumps({"config": dataclasses.asdict(config), "system": system, "out": out.name})
-        done = subprocess.run([sys.executable, "-m", "dfpo.bench", spec], env=os.environ.copy())
+        done = subprocess.run([sys.executable, "-m", "dfpo.experiments.throughput", spec], env=os.environ.copy())
         if done.returncode != 0:
             raise RuntimeError(f"the benchmark run of {system} failed (exit {done.returncode}); its error is above")
         return json.loads(Path(out.name).read_text())
@@ -332,7 +332,7 @@ def _print_table(results: dict[str, Any]) -> None:
                       f"{r['peak_rss_gib']:.2f} GiB against TRL's {trl['peak_rss_gib']:.2f} GiB")  # fmt: skip
 
 
-if __name__ == "__main__":  # a child run: python -m dfpo.bench '{"config": ..., "system": ..., "out": ...}'
+if __name__ == "__main__":  # a child run: python -m dfpo.experiments.throughput '{"config": ..., "system": ...}'
     spec = json.loads(sys.argv[1])
     result = _child(ThroughputConfig(**spec["config"]), spec["system"])
     Path(spec["out"]).write_text(json.dumps(result))
