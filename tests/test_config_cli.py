@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dfpo.cli import SFTConfig, main
+from dfpo.cli import main
 from dfpo.config import ConfigError, apply_overrides, option, parse_scalar
+from dfpo.sft import SFTConfig
 
 
 @dataclass(frozen=True)

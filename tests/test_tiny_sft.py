@@ -69,10 +69,10 @@ def test_the_shipped_tiny_model_loads_generates_and_matches_its_record():
 
 
 def test_sft_stops_at_the_first_eval_that_reaches_stop_at(monkeypatch):
-    import dfpo.sft
+    import dfpo.evaluate
 
     measured = iter([0.1, 0.3, 0.5, 0.9])
-    monkeypatch.setattr(dfpo.sft, "evaluate", lambda *args, **kwargs: {"accuracy": next(measured)})
+    monkeypatch.setattr(dfpo.evaluate, "evaluate", lambda *args, **kwargs: {"accuracy": next(measured)})
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=32, layers=1, heads=2)
     task = tasks.get("arithmetic", eval_size=10, train_size=40)

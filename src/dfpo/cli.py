@@ -5,82 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dfpo.config import ConfigError, apply_overrides, describe, option
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    """``dfpo sft``: supervised fine-tuning on a task's gold answers (the warm-up before RL)."""
-
-    model: str = option("scratch", "'scratch' (a new character-level tiny Llama), 'smollm2' or a model folder")
-    task: str = option("arithmetic", "registered task whose train split is used (see dfpo.tasks.names())")
-    task_options: dict = option({}, "keyword options of the task, set as task_options.<name>=value")
-    steps: int = option(600, "optimizer steps")
-    batch_size: int = option(64, "examples per step")
-    lr: float = option(1e-3, "peak AdamW learning rate (linear warm-up, cosine to 10%)")
-    warmup_steps: int = option(20, "linear warm-up steps")
-    seed: int = option(0, "seed of initialisation and batch order")
-    hidden_size: int = option(128, "hidden size of a 'scratch' model")
-    layers: int = option(4, "layers of a 'scratch' model")
-    eval_every: int = option(200, "measure greedy eval accuracy every this many steps (0: only at the end)")
-    eval_limit: int = option(200, "eval examples per measurement")
-    max_new_tokens: int = option(96, "generation length for the eval")
-    stop_at: float = option(0.0, "stop at the first eval whose accuracy reaches this (0: run all steps)")
-    out: str = option("runs/sft", "output folder: model, tokenizer and sft.json (written atomically)")
-
-
-def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
-    import torch
-
-    from dfpo.models import load_model
-    from dfpo.sft import train_sft
-    from dfpo.tiny import build_model, build_tokenizer
-
-    task = _build_task(config.task, config.task_options)
-    torch.manual_seed(config.seed)
-    if config.model == "scratch":
-        tokenizer = build_tokenizer()
-        model = build_model(tokenizer, config.hidden_size, config.layers, seed=config.seed)
-    else:
-        model, tokenizer = load_model(config.model)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"sft: {config.model} ({params / 1e6:.2f}M parameters) on {config.task} for {config.steps} steps")
-    start = time.perf_counter()
-    history = train_sft(
-        model, tokenizer, task, config.steps, config.batch_size, config.lr, config.warmup_steps,
-        seed=config.seed, eval_every=config.eval_every or config.steps, eval_limit=config.eval_limit,
-        max_new_tokens=config.max_new_tokens, stop_at=config.stop_at,
-    )  # fmt: skip
-    summary = {
-        "command": command,
-        "config": dataclasses.asdict(config),
-        "parameters": params,
-        "seconds": round(time.perf_counter() - start, 1),
-        "steps_run": history[-1]["step"],
-        "eval_accuracy": history[-1]["eval_accuracy"],
-        "history": history,
-    }
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "sft.json").write_text(json.dumps(summary, indent=1) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"sft: eval accuracy {summary['eval_accuracy']:.1%} after {summary['seconds']:.0f} s; saved to {out}")
-    return summary
+from dfpo.sft import SFTConfig, run_sft
 
 
 @dataclass(frozen=True)
@@ -114,6 +45,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.generation.rollout import context_limit
     from dfpo.models import load_model
+    from dfpo.tasks.base import build_task
     from dfpo.tasks.presets import preset, task_options_for
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
@@ -151,7 +83,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
             )
         config = _run_eval_settings(config, trained, given)
         max_new = config.max_new_tokens
-    task = _build_task(task_name, task_options_for(model_name, task_name, options))
+    task = build_task(task_name, task_options_for(model_name, task_name, options))
     cpu.set_threads(config.threads)
     model, tokenizer = load_model(model_name)
     model.eval()
@@ -199,15 +131,6 @@ def _run_eval_settings(config: EvalConfig, trained: dict[str, Any], given: froze
     if chosen:
         print("eval: the run's settings: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
     return dataclasses.replace(config, **chosen)
-
-
-def _build_task(name: str, options: dict[str, Any]) -> Any:
-    import dfpo.tasks as tasks
-
-    try:
-        return tasks.get(name, **options)
-    except TypeError as error:
-        raise ConfigError(f"task_options for task {name!r}: {error}") from None
 
 
 def run_train(argv: list[str], command: str) -> dict[str, Any]:

@@ -122,6 +122,16 @@ def target_text(example: dict[str, Any]) -> str:
     return example.get("solution") or f"The answer is {example['answer']}."
 
 
+def build_task(name: str, options: dict[str, Any]) -> Task:
+    """:func:`get`, with options a task does not take reported as a :class:`~dfpo.config.ConfigError`."""
+    from dfpo.config import ConfigError
+
+    try:
+        return get(name, **options)
+    except TypeError as error:
+        raise ConfigError(f"task_options for task {name!r}: {error}") from None
+
+
 def get(name: str, **options: Any) -> Task:
     """A new instance of task ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
     return TASKS.get(name)(**options)
