@@ -19,11 +19,11 @@ import argparse
 
 import torch
 
-from dfpo.config import parse_scalar
 from dfpo.evaluate import render_prompt
 from dfpo.experiments.critic_learning import ridge_r2
 from dfpo.generation.rollout import response_forward, sample
 from dfpo.models import load_model
+from dfpo.options import parse_scalar
 from dfpo.tasks import get
 from dfpo.tasks.presets import task_options_for
 from dfpo.training.trainer import _prompt_share

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from dfpo.cli import main
-from dfpo.config import ConfigError, apply_overrides, option, parse_scalar
+from dfpo.options import ConfigError, apply_overrides, option, parse_scalar
 from dfpo.sft import SFTConfig
 
 
@@ -108,7 +108,7 @@ def test_every_numeric_setting_has_a_range():
 
 
 def test_a_yaml_value_of_the_wrong_kind_names_its_key(tmp_path):
-    from dfpo.config import ConfigError
+    from dfpo.options import ConfigError
     from dfpo.training.config import build_config
 
     for text, message in (

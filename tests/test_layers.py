@@ -11,7 +11,7 @@ ROOT = Path(dfpo.__file__).parent
 # lowest first; a module may import its own layer's modules and any below
 LAYERS = [
     ("core", "critics"),  # pure torch (tests/test_core_misc.py holds them to torch alone)
-    ("config", "assets", "models", "cpu", "distributed", "tiny"),
+    ("options", "assets", "models", "cpu", "distributed", "tiny"),
     ("tasks", "generation"),  # prompts, answers, verifiers, user data | sampling and greedy decoding
     ("supervision", "evaluate"),  # noise models, pseudo-labels, the reward model | accuracy on a split
     ("training", "sft"),

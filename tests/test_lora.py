@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from dfpo.cli import main
-from dfpo.config import ConfigError
 from dfpo.models import load_model
+from dfpo.options import ConfigError
 from dfpo.training.config import build_config
 
 LORA = [

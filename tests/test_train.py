@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from dfpo.cli import main
-from dfpo.config import ConfigError
 from dfpo.core import advantages
 from dfpo.critics.value_flow import ValueFlowCritic
+from dfpo.options import ConfigError
 from dfpo.training.algos import ALGOS
 from dfpo.training.config import build_config, flow_loss_options
 from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged, micro_rows, train

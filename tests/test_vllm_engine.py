@@ -8,10 +8,10 @@ import importlib.util
 import pytest
 import torch
 
-from dfpo.config import ConfigError
 from dfpo.generation.rollout import sample
 from dfpo.generation.vllm_engine import rollout_from_tokens
 from dfpo.models import load_model
+from dfpo.options import ConfigError
 from dfpo.training.config import build_config
 
 

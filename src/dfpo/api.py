@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from dfpo.config import ConfigError, flatten
+from dfpo.options import ConfigError, flatten
 from dfpo.training.config import TrainConfig, build_config
 
 __all__ = ["Callback", "TrainConfig", "train"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfpo.config import ConfigError, apply_overrides, describe, option
+from dfpo.options import ConfigError, apply_overrides, describe, option
 from dfpo.sft import SFTConfig, run_sft
 
 

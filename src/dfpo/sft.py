@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfpo.config import option
+from dfpo.options import option
 
 if TYPE_CHECKING:  # the command's config imports light; the loop imports torch when it runs
     import torch

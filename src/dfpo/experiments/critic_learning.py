@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfpo.config import ConfigError, option
+from dfpo.options import ConfigError, option
 
 CRITIC_ALGOS = ("ppo", "robust_ppo", "dvpo", "dfpo")
 KNOWN_KINDS = ("prompt", "response", "bernoulli")
@@ -176,8 +176,8 @@ def _split(value: str) -> list[str]:
 
 
 def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
-    from dfpo.config import flatten
     from dfpo.experiments.noisy.grid import _code_version
+    from dfpo.options import flatten
     from dfpo.training.config import BACKBONES, build_config
     from dfpo.training.trainer import Trainer
 

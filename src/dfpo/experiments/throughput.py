@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dfpo.config import ConfigError, option
+from dfpo.options import ConfigError, option
 
 TRL = "trl"
 

@@ -123,8 +123,8 @@ def target_text(example: dict[str, Any]) -> str:
 
 
 def build_task(name: str, options: dict[str, Any]) -> Task:
-    """:func:`get`, with options a task does not take reported as a :class:`~dfpo.config.ConfigError`."""
-    from dfpo.config import ConfigError
+    """:func:`get`, with options a task does not take reported as a :class:`~dfpo.options.ConfigError`."""
+    from dfpo.options import ConfigError
 
     try:
         return get(name, **options)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dfpo.config import ConfigError, apply_overrides, flatten, option
+from dfpo.options import ConfigError, apply_overrides, flatten, option
 
 CRITIC_KINDS = ("none", "scalar", "ensemble", "quantile", "flow")
 BACKBONES = ("separate", "shared", "frozen")

@@ -51,7 +51,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as transformers_logging
 
 from dfpo import cpu, critics, distributed
-from dfpo.config import ConfigError
 from dfpo.core import advantages as advantage_estimators
 from dfpo.core import policy_losses
 from dfpo.core.kl import kl_estimate, kl_metrics
@@ -73,6 +72,7 @@ from dfpo.generation.rollout import (
     trunk_hidden,
 )
 from dfpo.models import add_lora, load_adapters, load_model
+from dfpo.options import ConfigError
 from dfpo.supervision.noise import PseudoLabel, make_noise
 from dfpo.tasks.presets import task_options_for
 from dfpo.tasks.user import DataError, RewardFunctionError
@@ -469,7 +469,7 @@ class Trainer:
         return Path(self.config.resume)
 
     def _check_resume_config(self, state: dict[str, Any]) -> None:
-        from dfpo.config import apply_overrides, flatten
+        from dfpo.options import apply_overrides, flatten
 
         saved = apply_overrides(TrainConfig(), flatten(state["config"]))
         current = apply_overrides(TrainConfig(), flatten(config_record(self.config)))

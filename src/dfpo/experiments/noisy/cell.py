@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfpo.config import ConfigError
 from dfpo.experiments.noisy.grid import SCALES, Benchmark, Scale
+from dfpo.options import ConfigError
 
 # -- one cell, in its own process -------------------------------------------------------------------------------
 

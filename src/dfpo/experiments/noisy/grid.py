@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfpo.config import ConfigError, option
+from dfpo.options import ConfigError, option
 
 # -- what the grid is made of ------------------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dfpo.config import ConfigError
 from dfpo.experiments.noisy.cell import _final_true_reward, _write_json, run_cell
 from dfpo.experiments.noisy.grid import (
     SCALES,
@@ -28,6 +27,7 @@ from dfpo.experiments.noisy.grid import (
     variant_settings,
 )
 from dfpo.experiments.noisy.report import write_report
+from dfpo.options import ConfigError
 
 # -- the grid ----------------------------------------------------------------------------------------------------
 
