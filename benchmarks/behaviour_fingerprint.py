@@ -45,12 +45,13 @@ def _hash_tensors(tensors: dict) -> str:
 
 
 def fingerprint(run: Path) -> dict[str, str]:
-    """Hashes of ``run``'s metrics (no ``perf/`` or time keys), weights and optimizer states."""
+    """Hashes of ``run``'s metrics (no ``perf/``, time or seconds keys), weights and optimizer states."""
     import torch
     from safetensors.torch import load_file
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    kept = [{k: v for k, v in r.items() if not k.startswith(("perf/", "time"))} for r in rows]
+    timing = [k for r in rows for k in r if k.startswith(("perf/", "time")) or k.endswith("seconds")]
+    kept = [{k: v for k, v in r.items() if k not in timing} for r in rows]
     step = run / "checkpoints" / (run / "latest").read_text().strip()
     weights = {**load_file(step / "modules.safetensors")}
     for path in sorted((step / "policy").glob("*.safetensors")):
