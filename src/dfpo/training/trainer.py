@@ -79,6 +79,7 @@ from dfpo.tasks.user import DataError, RewardFunctionError
 from dfpo.training import checkpoint as ckpt
 from dfpo.training.config import TrainConfig, changed_keys, config_record, critic_updates, flow_loss_options
 from dfpo.training.report import MetricsLog, write_report
+from dfpo.training.step import Rewarded, Sampled
 
 
 class TrainingDiverged(RuntimeError):
@@ -748,31 +749,15 @@ class Trainer:
         c, step, world = self.config, self.step, self.world
         times: dict[str, float] = {}
         t = time.perf_counter()
-        # every rank draws the step's global prompts and answers its contiguous share of them
-        first, stop = world.shard(c.rollout.prompts)
-        examples = [self.train[i] for i in self.data.take(c.rollout.prompts)][first:stop]
-        if isinstance(self.noise, PseudoLabel):
-            examples = self._pseudo_label(examples)
-        prompts, cut = self._fit_prompts([self.task.prompt_text(self.tokenizer, e) for e in examples])
-        self.policy.eval()
-        rollout = self._sample(prompts, first)
+        sampled = self.sample_phase()
         times["generate"] = time.perf_counter() - t
-
-        # rewards: the learner sees the observed one; the true one is logged beside it
         t = time.perf_counter()
-        group = rollout.prompt_index
-        per_seq = [examples[i] for i in group.tolist()]
-        noisy = self.noise.score(self.task, rollout.completions, per_seq, step, first * c.rollout.samples,
-                                 rollout.completion_ids)  # fmt: skip
-        components = dict(getattr(self.task, "last_components", {}))  # each user reward function's mean
-        on = {"device": self.device}
-        kept = torch.tensor([o is not None for o in noisy.observed], **on)
-        scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32, **on)
-        true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32, **on)
-        mask = rollout.response_mask.float() * kept[:, None]
-        if c.rollout.mask_truncated:
-            mask = mask * (~rollout.truncated)[:, None]
+        rewarded = self.reward_phase(sampled)
         times["reward"] = time.perf_counter() - t
+        first, prompts, cut = sampled.first, sampled.prompts, sampled.truncated_prompts
+        rollout, per_seq, group = sampled.rollout, sampled.per_sequence, sampled.rollout.prompt_index
+        noisy, components, kept = rewarded.noisy, rewarded.components, rewarded.kept
+        scores, true, mask = rewarded.scores, rewarded.true, rewarded.mask
 
         # score the rollout without gradients
         t = time.perf_counter()
@@ -882,6 +867,36 @@ class Trainer:
         if c.log.samples_every and step % c.log.samples_every == 0:
             self.log.samples(self._last_samples)
         return metrics
+
+    def sample_phase(self) -> Sampled:
+        """Draw the step's prompts (every rank the same global draw, each answering its contiguous share), attach
+        pseudo-labels when the noise asks for them, fit the prompts to the context, and sample the responses."""
+        c = self.config
+        first, stop = self.world.shard(c.rollout.prompts)
+        examples = [self.train[i] for i in self.data.take(c.rollout.prompts)][first:stop]
+        if isinstance(self.noise, PseudoLabel):
+            examples = self._pseudo_label(examples)
+        prompts, cut = self._fit_prompts([self.task.prompt_text(self.tokenizer, e) for e in examples])
+        self.policy.eval()
+        rollout = self._sample(prompts, first)
+        per_sequence = [examples[i] for i in rollout.prompt_index.tolist()]
+        return Sampled(first, examples, prompts, cut, rollout, per_sequence)
+
+    def reward_phase(self, sampled: Sampled) -> Rewarded:
+        """Score the responses: the learner sees the noise model's observed reward, the true one is kept beside
+        it for the logs."""
+        c, rollout = self.config, sampled.rollout
+        noisy = self.noise.score(self.task, rollout.completions, sampled.per_sequence, self.step,
+                                 sampled.first * c.rollout.samples, rollout.completion_ids)  # fmt: skip
+        components = dict(getattr(self.task, "last_components", {}))  # each user reward function's mean
+        on = {"device": self.device}
+        kept = torch.tensor([o is not None for o in noisy.observed], **on)
+        scores = torch.tensor([o if o is not None else 0.0 for o in noisy.observed], dtype=torch.float32, **on)
+        true = torch.tensor([r if r is not None else 0.0 for r in noisy.true], dtype=torch.float32, **on)
+        mask = rollout.response_mask.float() * kept[:, None]
+        if c.rollout.mask_truncated:
+            mask = mask * (~rollout.truncated)[:, None]
+        return Rewarded(noisy, components, kept, scores, true, mask)
 
     def _critic_metrics(self, g: dict[str, Tensor], targets: Tensor) -> dict[str, float]:
         """How well the values the advantages used predict, over the step's whole batch: explained variance against
