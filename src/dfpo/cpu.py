@@ -9,10 +9,13 @@ decided when the run starts.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
+
+import torch
+
+_TORCH_DEFAULT = torch.get_num_threads()  # before any run in this process sets it
 
 
 def _cpus() -> list[int]:
@@ -52,13 +55,11 @@ def busy_elsewhere(window: float = 0.3) -> float | None:
     return max(0.0, ((after or before) - before) / ticks - own) / elapsed
 
 
-@functools.cache
 def default_threads() -> int:
-    """torch's thread count when first asked (its default: the physical cores, or ``OMP_NUM_THREADS``), so that
-    a run after one that took fewer threads in the same process starts from the default again."""
-    import torch
-
-    return torch.get_num_threads()
+    """torch's thread count when this module was imported (its default: the physical cores, or
+    ``OMP_NUM_THREADS``), so that a run after one that took fewer threads in the same process starts from the
+    default again."""
+    return _TORCH_DEFAULT
 
 
 def free_core_threads(default: int) -> tuple[int, float | None]:
@@ -74,8 +75,6 @@ def free_core_threads(default: int) -> tuple[int, float | None]:
 def set_threads(requested: int, kept: int | None = None, say: bool = True) -> int:
     """Set torch's CPU threads: ``requested`` when > 0; else ``kept`` (a resumed run's count) when given; else
     one per free core, saying so (when ``say``) if that is fewer than the default. Returns the count."""
-    import torch
-
     if requested > 0 or kept:
         torch.set_num_threads(requested if requested > 0 else int(kept or 0))
         return torch.get_num_threads()
