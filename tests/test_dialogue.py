@@ -94,7 +94,9 @@ def test_answer_text_and_score_take_the_best_gold(dialogue):
 def test_evaluate_reports_f1_and_exact_match(dialogue, monkeypatch):
     examples = dialogue.examples("eval", limit=3)
     completions = [examples[0]["answers"][0], f"The {examples[1]['answer']} I think", ""]
-    monkeypatch.setattr(evaluate_module, "_generate", lambda *args, **kwargs: (completions, [False] * 3, [[1]] * 3))
+    monkeypatch.setattr(
+        evaluate_module, "generate_with_ids", lambda *args, **kwargs: (completions, [False] * 3, [[1]] * 3)
+    )
     tokenizer = type("Plain", (), {"chat_template": None})()
     result = evaluate_module.evaluate(None, tokenizer, dialogue, limit=3)
     scores = [dialogue.score(c, e) for c, e in zip(completions, examples, strict=True)]
