@@ -29,6 +29,14 @@ RUNS = {
     "flowrl": ["algo=flowrl"],
     "dvpo": ["algo=dvpo"],
     "dfpo-pseudo_label": ["algo=dfpo", "noise=pseudo_label(4)"],
+    # the unfused update: epochs, minibatches, micro-batches, the KL as a loss, a separate critic trunk with extra
+    # critic steps, gradient checkpointing by prompt; a bootstrapped ensemble on the shared trunk
+    "ppo-minibatches": ["algo=ppo", "actor.epochs=2", "actor.minibatches=2", "actor.micro_batch=4", "kl.mode=loss",
+                        "kl.estimator=k3"],
+    "dfpo-separate": ["algo=dfpo", "critic.backbone=separate", "critic.updates=3", "actor.micro_batch=8",
+                      "actor.checkpoint_prompts=2", "critic.warmup_steps=1"],
+    "robust_ppo-shared": ["algo=robust_ppo", "critic.backbone=shared", "critic.updates=2"],
+    "reinforce_pp": ["algo=reinforce_pp"],
 }
 COMMON = ["model=tiny", "task=arithmetic", "steps=3", "rollout.prompts=4", "rollout.samples=4", "threads=1",
           "rollout.max_new_tokens=24", "eval.limit=8", "log.progress=false", "checkpoint.final=false"]  # fmt: skip
@@ -84,9 +92,11 @@ def main() -> None:
     args.out.write_text(json.dumps({"commit": commit, "runs": found}, indent=1) + "\n")
     if args.compare:
         before = json.loads(args.compare.read_text())
-        same = before["runs"] == found
-        differ = [n for n in found if before["runs"].get(n) != found[n]]
-        print(f"against {before['commit']}: " + ("identical" if same else f"differ: {', '.join(differ)}"))
+        differ = [n for n in found if n in before["runs"] and before["runs"][n] != found[n]]
+        new = [n for n in found if n not in before["runs"]]
+        same = not differ
+        print(f"against {before['commit']}: " + ("identical" if same else f"differ: {', '.join(differ)}")
+              + (f" (no earlier fingerprint of {', '.join(new)})" if new else ""))  # fmt: skip
         raise SystemExit(0 if same else 1)
 
 
