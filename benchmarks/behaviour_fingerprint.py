@@ -31,10 +31,22 @@ RUNS = {
     "dfpo-pseudo_label": ["algo=dfpo", "noise=pseudo_label(4)"],
     # the unfused update: epochs, minibatches, micro-batches, the KL as a loss, a separate critic trunk with extra
     # critic steps, gradient checkpointing by prompt; a bootstrapped ensemble on the shared trunk
-    "ppo-minibatches": ["algo=ppo", "actor.epochs=2", "actor.minibatches=2", "actor.micro_batch=4", "kl.mode=loss",
-                        "kl.estimator=k3"],
-    "dfpo-separate": ["algo=dfpo", "critic.backbone=separate", "critic.updates=3", "actor.micro_batch=8",
-                      "actor.checkpoint_prompts=2", "critic.warmup_steps=1"],
+    "ppo-minibatches": [
+        "algo=ppo",
+        "actor.epochs=2",
+        "actor.minibatches=2",
+        "actor.micro_batch=4",
+        "kl.mode=loss",
+        "kl.estimator=k3",
+    ],
+    "dfpo-separate": [
+        "algo=dfpo",
+        "critic.backbone=separate",
+        "critic.updates=3",
+        "actor.micro_batch=8",
+        "actor.checkpoint_prompts=2",
+        "critic.warmup_steps=1",
+    ],
     "robust_ppo-shared": ["algo=robust_ppo", "critic.backbone=shared", "critic.updates=2"],
     "reinforce_pp": ["algo=reinforce_pp"],
 }

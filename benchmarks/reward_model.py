@@ -1,6 +1,6 @@
 """Train the dialogue reward model from scratch and measure it on held-out stories.
 
-Builds gold-vs-negative pairs (:func:`dfpo.supervision.reward_model.make_pairs`) from the train stories of the
+Builds gold-vs-negative pairs (:func:`dfpo.supervision.reward_model_pairs.make_pairs`) from the train stories of the
 ``dialogue`` task, extracts the frozen SmolLM2-135M-Instruct features once, picks the head's L2 penalty on a
 story-disjoint validation fifth of the train pairs, refits on all train pairs, and reports the held-out pair
 accuracy (share of eval-story pairs with score(gold) > score(negative)), per negative kind, and the scoring cost.
@@ -29,7 +29,8 @@ import torch
 
 import dfpo.tasks as tasks
 from dfpo.models import load_model
-from dfpo.supervision.reward_model import RewardModel, fit_head, make_pairs, pair_accuracy
+from dfpo.supervision.reward_model import RewardModel
+from dfpo.supervision.reward_model_pairs import fit_head, make_pairs, pair_accuracy
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0)
 SAMPLES_PER_TURN = 4

@@ -26,7 +26,7 @@ from dfpo.models import load_model
 from dfpo.options import parse_scalar
 from dfpo.tasks import get
 from dfpo.tasks.presets import task_options_for
-from dfpo.training.trainer import _prompt_share
+from dfpo.training.phases import prompt_share as _prompt_share
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def test_update_passes_count_what_each_step_runs():
                                  critic=SimpleNamespace(backbone=backbone))  # fmt: skip
         return SimpleNamespace(config=config, critic=object(), fused=fused, critic_updates=updates,
                                trunk=object() if backbone == "separate" else None,
-                               _critic_on_policy=backbone != "separate")  # fmt: skip
+                               critic_on_policy=backbone != "separate")  # fmt: skip
 
     assert _update_passes(trainer("frozen"), True) == 3
     assert _update_passes(trainer("frozen", fused=True, checkpoint=4), True) == 3

@@ -102,7 +102,8 @@ def test_dfpo_eval_refuses_a_preset_mixed_with_task_keys(args, message, capsys):
 
 def test_every_numeric_setting_has_a_range():
     """RANGES is the one place numeric settings are checked: a new int or float option needs its entry."""
-    from dfpo.training.config import RANGES, TrainConfig, numeric_settings
+    from dfpo.training.config import TrainConfig
+    from dfpo.training.ranges import RANGES, numeric_settings
 
     assert set(numeric_settings(TrainConfig())) == set(RANGES)
 
@@ -121,3 +122,55 @@ def test_a_yaml_value_of_the_wrong_kind_names_its_key(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             build_config([], str(path))
+
+
+def test_each_critic_kind_owns_its_option_group():
+    """critic.flow.* states every option of the flow critic's loss, with the loss's own defaults and choices (so
+    that the group cannot drift from the critic); each kind is built from the shared options and its group alone."""
+    import inspect
+
+    from dfpo.critics import value_flow
+    from dfpo.training import critic_options
+    from dfpo.training.config import build_config
+    from dfpo.training.critic_options import FlowOptions
+
+    loss = inspect.signature(value_flow.ValueFlowCritic.loss).parameters
+    flow = FlowOptions()
+    for name, value in flow.loss_options().items():
+        assert loss[name].default == value, name
+    trainer_sets = {"self", "hidden", "target_samples", "mask", "anchor_samples", "sample_steps", "generator",
+                    "uniform", "risk_weight", "risk_targets"}  # fmt: skip
+    assert set(loss) - trainer_sets == set(flow.loss_options())
+    for name in ("COUPLINGS", "UNCERTAINTY_WEIGHTS", "ANCHORS", "CONSISTENCIES"):
+        assert getattr(critic_options, name) == getattr(value_flow, name)
+    assert build_config(["algo=ppo"]).critic.builder_options() == {"width": 64, "value_clip": 0.2}
+    dvpo = build_config(["algo=dvpo", "critic.flow.samples=8"]).critic.builder_options()
+    assert dvpo["quantiles"] == 200 and "samples" not in dvpo
+
+
+def test_the_earlier_flat_critic_keys_still_read():
+    """critic.samples, critic.heads, ... of configs, YAML files and checkpoints written before the option groups
+    set every group that now holds the option; a checkpoint of that layout resumes."""
+    import dataclasses
+
+    from dfpo.options import flatten
+    from dfpo.training.config import build_config, config_record
+    from dfpo.training.setup import check_resume_config
+
+    flat = ["critic.samples=8", "critic.heads=5", "critic.risk_weight=0.3"]  # the earlier layout's keys
+    c = build_config([*flat, "critic.flow.coupling=independent"])
+    assert (c.critic.flow.samples, c.critic.ensemble.heads, c.critic.quantile.heads) == (8, 5, 5)
+    assert (c.critic.flow.risk_weight, c.critic.quantile.risk_weight) == (0.3, 0.3)
+    # the record of such a run as the earlier layout wrote it: flat critic options, a free-form flow dict
+    record = config_record(c)
+    critic = {k: v for k, v in record["critic"].items() if k not in ("scalar", "ensemble", "quantile", "flow")}
+    critic.update(samples=8, sample_steps=1, heads=5, quantiles=200, kappa=0.02, return_scale=1.0, risk_weight=0.3,
+                  risk_targets="pooled", value_clip=0.2, pessimism=0.0, bootstrap=0.5,
+                  flow={"coupling": "independent"})  # fmt: skip
+    check_resume_config(c, {"config": {**record, "critic": critic}}, c.resolved_run_dir)
+    changed = dataclasses.replace(
+        c, critic=dataclasses.replace(c.critic, flow=dataclasses.replace(c.critic.flow, samples=16))
+    )
+    with pytest.raises(Exception, match=r"differs from the run's in critic\.flow\.samples"):
+        check_resume_config(changed, {"config": {**record, "critic": critic}}, c.resolved_run_dir)
+    assert "critic.flow.samples=8" in flatten(config_record(c))

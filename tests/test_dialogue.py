@@ -10,7 +10,8 @@ import dfpo.tasks as tasks
 from dfpo import evaluate as evaluate_module
 from dfpo.assets import MissingAssetError
 from dfpo.supervision.noise import make_noise
-from dfpo.supervision.reward_model import HEAD_DIR, RewardModel, RewardModelNoise, make_pairs
+from dfpo.supervision.reward_model import HEAD_DIR, RewardModel, RewardModelNoise
+from dfpo.supervision.reward_model_pairs import make_pairs
 from dfpo.tasks import dialogue as dialogue_module
 from dfpo.tasks.dialogue import answer_text, exact_match, normalize_answer, token_f1
 

@@ -22,7 +22,7 @@ from dfpo.supervision.noise import make_noise
 # rollouts; the critic learns from the first step on, so that both the actor and the critic are compared
 COMMON = [
     "model=tiny", "task=arithmetic", "rollout.prompts=4", "rollout.samples=2", "rollout.generate_prompts=2",
-    "rollout.max_new_tokens=32", "noise=flip(0.2)", "critic.warmup_steps=0", "critic.samples=8", "eval.splits=",
+    "rollout.max_new_tokens=32", "noise=flip(0.2)", "critic.warmup_steps=0", "critic.flow.samples=8", "eval.splits=",
     "log.progress=false", "log.samples_every=0", "threads=1", "checkpoint.every=1", "checkpoint.keep=3",
     "actor.lr=1e-5",
 ]  # fmt: skip

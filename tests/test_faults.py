@@ -248,7 +248,8 @@ def _outside(rule: str) -> str:
 def test_every_out_of_range_setting_is_refused_before_loading(tmp_path, capsys):
     """Each key of the one table of ranges, just outside its range (and every float also as nan), is refused with
     a message naming the key; nothing is loaded or written."""
-    from dfpo.training.config import RANGES, TrainConfig, numeric_settings
+    from dfpo.training.config import TrainConfig
+    from dfpo.training.ranges import RANGES, numeric_settings
 
     floats = {k for k, v in numeric_settings(TrainConfig()).items() if isinstance(v, float)}
     for key, rule in RANGES.items():
@@ -323,15 +324,17 @@ def test_a_nan_reward_or_log_prob_is_named(source, tmp_path, monkeypatch):
         monkeypatch.setattr(type(trainer.noise), "score", score)
         named = r"the last for a NaN or inf reward for 1 of 4 responses \(task 'arithmetic'.*check the reward function"
     else:
-        real = trainer._score_rollout
+        from dfpo.training import phases
+
+        real = phases.score
 
         def scored(*args, **kwargs):
-            batch = real(*args, **kwargs)
+            out = real(*args, **kwargs)
             if trainer.step >= 2:
-                batch["ref_logp"][0, 0] = float("-inf")
-            return batch
+                out.ref_logp[0, 0] = float("-inf")
+            return out
 
-        monkeypatch.setattr(trainer, "_score_rollout", scored)
+        monkeypatch.setattr(phases, "score", scored)
         named = r"NaN or inf in the reference model's log-probs at 1 response tokens, so in the KL to the reference"
     with pytest.raises(TrainingDiverged, match=named):
         trainer.run()

@@ -1,5 +1,7 @@
 """The package's layers: every import, at module level or inside a function, goes down the stack, never up, and no
-module imports itself back through others (``docs/architecture.md`` draws the layers)."""
+module imports itself back through others (``docs/architecture.md`` draws the layers). An import for annotations
+only (under ``if TYPE_CHECKING:``) must go down the layers too, but may point back at the module that runs the
+code it annotates (a phase of the training step names the ``Trainer`` it is given): it never runs."""
 
 import ast
 from pathlib import Path
@@ -31,12 +33,26 @@ def _top(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _imports() -> dict[str, set[str]]:
+def _typing_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:``."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            out |= {id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return out
+
+
+def _imports(typing_only: bool = True) -> dict[str, set[str]]:
+    """Each module's imports of other dfpo modules (``typing_only=False``: without annotation-only ones)."""
     modules = {_module(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skip = set() if typing_only else _typing_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dfpo") and not node.level:
                 targets = [node.module]
                 if node.module == "dfpo" or f"{node.module}.{node.names[0].name}" in modules:
@@ -57,7 +73,7 @@ def test_every_import_goes_down_the_layers():
 
 
 def test_no_import_cycle():
-    graph, seen, stack, cycles = _imports(), set(), [], []
+    graph, seen, stack, cycles = _imports(typing_only=False), set(), [], []
 
     def visit(node: str) -> None:
         if node in stack:
@@ -79,3 +95,17 @@ def test_no_import_cycle():
 
 def _package(module: str) -> str:
     return module.rsplit(".", 1)[0]
+
+
+def test_the_training_step_reads_in_short_functions():
+    """Every function of the training step's phases is at most 60 lines (docstring included), so that each phase
+    reads on one screen."""
+    long = []
+    for name in ("phases", "update", "objectives", "step"):
+        path = ROOT / "training" / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"training/{name}.py:{node.name} ({lines} lines)")
+    assert not long, long

@@ -14,7 +14,7 @@ from dfpo.training.config import build_config
 
 LORA = [
     "algo=dfpo", "model=tiny", "task=arithmetic", "rollout.prompts=2", "rollout.samples=2",
-    "rollout.max_new_tokens=24", "eval.limit=4", "critic.warmup_steps=0", "critic.samples=8", "log.progress=false",
+    "rollout.max_new_tokens=24", "eval.limit=4", "critic.warmup_steps=0", "critic.flow.samples=8", "log.progress=false",
     "actor.lora_rank=4", "actor.lr=1e-3", "critic.backbone=separate", "critic.lora_rank=2", "checkpoint.every=1",
 ]  # fmt: skip
 

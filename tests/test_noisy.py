@@ -21,7 +21,8 @@ from dfpo.experiments.noisy.cell import _benchmark_examples, _benchmark_task, ru
 from dfpo.experiments.noisy.grid import _grid_cells, equal_parameter_width, variant_settings
 from dfpo.experiments.noisy.runner import _chosen_lrs
 from dfpo.experiments.stats import fixed, mean_interval, paired, t_quantile
-from dfpo.training.trainer import _prompt_share, _signal_share
+from dfpo.training.phases import prompt_share as _prompt_share
+from dfpo.training.phases import signal_share as _signal_share
 
 TINY = ["steps=2", "eval_limit=6", "seeds=0", "train=sub"]
 
@@ -170,7 +171,7 @@ def test_bad_grids_are_refused_before_any_cell_runs(tmp_path, capsys, override, 
 
 def test_ablations_change_what_they_name():
     scale = SCALES["tiny"]
-    assert variant_settings(scale, "euler4", []) == ("dfpo", ["critic.sample_steps=4"])
+    assert variant_settings(scale, "euler4", []) == ("dfpo", ["critic.flow.sample_steps=4"])
     assert variant_settings(scale, "independent", []) == (
         "dfpo",
         ["critic.flow.cfm_weight=1", "critic.flow.coupling=independent"],
@@ -366,18 +367,16 @@ def test_noisy_help_lists_its_keys(capsys):
 def test_no_ablation_is_a_no_op(variant):
     """Each ablation changes its critic's loss (or its parameter count) at the defaults: a setting that the
     defaults never read (e.g. a coupling when flow matching is off) would make the ablation silently equal DFPO."""
-    import dataclasses
 
     import dfpo.critics as critics
     from dfpo.critics.base import CriticContext
-    from dfpo.training.config import build_config, flow_loss_options
+    from dfpo.training.config import build_config
 
     scale = SCALES["tiny"]
 
     def loss_and_size(algo: str, settings: list[str]) -> tuple[float, int]:
         c = build_config([f"algo={algo}", "model=tiny", *settings])
-        options = {k: v for k, v in dataclasses.asdict(c.critic).items() if k != "kind"}
-        options["flow"] = flow_loss_options(c.critic.flow)
+        options = c.critic.builder_options()
         torch.manual_seed(0)
         critic = critics.build(c.critic.kind, scale.hidden_size, **options)
         with torch.no_grad():  # a field away from its initialisation (a zero last layer makes every path agree)

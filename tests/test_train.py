@@ -15,14 +15,17 @@ from dfpo.cli import main
 from dfpo.core import advantages
 from dfpo.critics.value_flow import ValueFlowCritic
 from dfpo.options import ConfigError
+from dfpo.training import phases
+from dfpo.training import update as updates
 from dfpo.training.algos import ALGOS
-from dfpo.training.config import build_config, flow_loss_options
+from dfpo.training.config import build_config
 from dfpo.training.trainer import DataOrder, Trainer, TrainingDiverged, micro_rows, train
 
 # Small enough for the test suite: 2 prompts x 2 samples, short replies, a few eval examples.
 SMALL = [
     "model=tiny", "task=arithmetic", "rollout.prompts=2", "rollout.samples=2", "rollout.max_new_tokens=24",
-    "eval.limit=4", "critic.warmup_steps=1", "critic.samples=8", "critic.quantiles=16", "log.progress=false",
+    "eval.limit=4", "critic.warmup_steps=1", "critic.flow.samples=8", "critic.quantile.quantiles=16",
+    "log.progress=false",
 ]  # fmt: skip
 
 
@@ -113,7 +116,13 @@ def test_one_fused_forward_matches_scoring_then_accumulating_micro_batches(algo,
         trainer = Trainer(config)
         assert trainer.fused == (micro == 0)
         trainer.run()
-        assert trainer._policy_out is None  # the fused forward's graph does not outlive its step
+        # the fused forward's graph does not outlive its step: no step's tensors are kept on the trainer
+        held = [
+            k
+            for k, v in vars(trainer).items()
+            if isinstance(v, torch.Tensor) or (isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v))
+        ]
+        assert not held, held  # fmt: skip
         params[micro], metrics[micro] = _state(run_dir), _metrics(run_dir)
     compared = ("policy.",) if algo == "dfpo" else ("policy.", "modules.")
     assert any(key.startswith(compared) for key in params[0])
@@ -137,8 +146,8 @@ def test_dr_grpo_divides_by_the_response_limit_whatever_the_step_padded_width(tm
     for width in (5, 11):  # the same responses in a step whose longest response is 5 or 11 tokens
         mask = (torch.arange(width) < lengths[:, None]).float()
         logp_w, adv_w = (torch.cat([x, torch.zeros(4, width - 5)], -1) for x in (logp, adv))
-        batch = {"old_logp": logp_w, "adv": adv_w}
-        losses.append(float(trainer._actor_loss(batch, torch.arange(4), logp_w, mask)[0]))
+        exp = SimpleNamespace(old_logp=logp_w, advantages=adv_w)
+        losses.append(float(trainer.objective.loss(exp, torch.arange(4), logp_w, mask)[0]))
     # ratio 1: each sequence's -sum_t A_t over rollout.max_new_tokens=24, then a mean over sequences
     want = -float((adv * (torch.arange(5) < lengths[:, None])).sum()) / 24 / 4
     assert losses == pytest.approx([want, want], rel=1e-6)
@@ -147,10 +156,10 @@ def test_dr_grpo_divides_by_the_response_limit_whatever_the_step_padded_width(tm
 
 def test_samples_without_reward_get_no_advantage_and_leave_their_group(tmp_path, monkeypatch):
     trainer = Trainer(build_config(["algo=grpo", "noise=clean", "eval.splits=", f"run_dir={tmp_path / 'r'}", *SMALL]))
-    score = trainer.noise.score
+    score = type(trainer.noise).score
 
-    def first_skipped(*args, **kwargs):
-        rewards = score(*args, **kwargs)
+    def first_skipped(self, *args, **kwargs):
+        rewards = score(self, *args, **kwargs)
         return dataclasses.replace(rewards, observed=[None, *rewards.observed[1:]])
 
     seen = {}
@@ -161,7 +170,7 @@ def test_samples_without_reward_get_no_advantage_and_leave_their_group(tmp_path,
         seen.update(valid=inputs.get("valid"), adv=out[0])
         return out
 
-    monkeypatch.setattr(trainer, "noise", SimpleNamespace(score=first_skipped))
+    monkeypatch.setattr(type(trainer.noise), "score", first_skipped)
     monkeypatch.setattr(advantages, "compute", spy)
     trainer.step = 1
     metrics = trainer.train_step()
@@ -240,13 +249,13 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
     config = build_config([*SMALL, "algo=grpo", "steps=5", "max_bad_steps=2", "checkpoint.every=1",
                            f"run_dir={run_dir}"])  # fmt: skip
     trainer = Trainer(config)
-    real = trainer._actor_loss
+    real = trainer.objective.loss
 
     def poisoned(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)
         return (loss * float("nan") if trainer.step >= 2 else loss), metrics
 
-    monkeypatch.setattr(trainer, "_actor_loss", poisoned)
+    monkeypatch.setattr(trainer.objective, "loss", poisoned)
     diverged = r"2 steps in a row were skipped, the last for a NaN or inf in .*loss.*checkpoint.*lower actor.lr"
     with pytest.raises(TrainingDiverged, match=diverged):
         trainer.run()
@@ -264,9 +273,9 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
     [
         (["algo=grpo", "rollout.samples=1"], "rollout.samples=1: grpo compares the responses to one prompt"),
         (["algo=rloo", "rollout.samples=1"], "needs rollout.samples >= 2"),
-        (["critic.samples=1"], "a flow critic needs K >= 2"),
-        (["critic.sample_steps=0"], "critic.sample_steps=0: must be >= 1"),
-        (["algo=robust_ppo", "critic.bootstrap=1.5"], "critic.bootstrap=1.5: must be in [0,1]"),
+        (["critic.samples=1"], "critic.flow.samples=1: a flow critic needs K >= 2"),  # the earlier flat key
+        (["critic.flow.sample_steps=0"], "critic.flow.sample_steps=0: must be >= 1"),
+        (["algo=robust_ppo", "critic.ensemble.bootstrap=1.5"], "critic.ensemble.bootstrap=1.5: must be in [0,1]"),
         (["precision=fp16"], "precision='fp16': valid values are fp32, bf16"),
         (["actor.checkpoint_prompts=-1"], "actor.checkpoint_prompts=-1: must be >= 0"),
         (["actor.micro_tokens=-5"], "actor.micro_tokens=-5: must be >= 0"),
@@ -285,10 +294,10 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["noise=reward_model"], "use it with task=dialogue"),
         (["kl.mode=sometimes"], "kl.mode='sometimes': valid values are reward, loss, none"),
         (["critic.flow.coupling=sortd"], "critic.flow.coupling='sortd': valid values are sorted, independent"),
-        (["critic.flow.consistancy=none"], "critic.flow.consistancy: not an option of the flow critic; valid:"),
+        (["critic.flow.consistancy=none"], "unknown key 'critic.flow.consistancy'; valid keys: critic.flow.samples"),
         (["advantage.critic_lam=1.5"], "advantage.critic_lam=1.5: must be in [0,1]"),
         (["advantage.adaptive_lam=-1"], "advantage.adaptive_lam=-1.0: must be >= 0"),
-        (["critic.kappa=0"], "critic.kappa=0.0: must be > 0"),
+        (["critic.quantile.kappa=0"], "critic.quantile.kappa=0.0: must be > 0"),
         (["actor.lr=-1"], "actor.lr=-1.0: must be > 0"),
         (["rollout.top_p=0"], "rollout.top_p=0.0: must be in (0,1]"),
         (["rollout.top_p=2"], "rollout.top_p=2.0: must be in (0,1]"),
@@ -297,7 +306,11 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
         (["checkpoint.every=-1"], "checkpoint.every=-1: must be >= 0"),
         (["critic.width=-3"], "critic.width=-3: must be >= 0"),
         (["run_dir=runs/{nope}"], "run_dir='runs/{nope}': 'nope' is not a placeholder it can fill"),
-        (["critic.risk_targets=mine"], "critic.risk_targets='mine': valid values are pooled, token"),
+        (["critic.flow.risk_targets=mine"], "critic.flow.risk_targets='mine': valid values are pooled, token"),
+        (
+            ["algo=dvpo", "critic.quantile.quantiles=1"],
+            "critic.quantile.quantiles=1: a quantile critic needs at least 2",
+        ),
         (["critic.width=0"], "critic.width=0: must be at least 1 (0, a bare linear head, only for scalar"),
     ],
 )
@@ -309,9 +322,10 @@ def test_refused_configs_name_the_key(args, message, tmp_path, capsys):
 
 def test_flow_options_none_means_off():
     # the override parser reads "none" as null; the flow critic's string options take it as the string "none"
-    options = flow_loss_options(build_config(["critic.flow.consistency=none", "critic.flow.uncertainty_weight=none",
-                                              "critic.flow.anchor_weight=0.5"]).critic.flow)  # fmt: skip
-    assert options == {"consistency": "none", "uncertainty_weight": "none", "anchor_weight": 0.5}
+    flow = build_config(["critic.flow.consistency=none", "critic.flow.uncertainty_weight=none",
+                         "critic.flow.anchor_weight=0.5"]).critic.flow  # fmt: skip
+    options = flow.loss_options()
+    assert (options["consistency"], options["uncertainty_weight"], options["anchor_weight"]) == ("none", "none", 0.5)
     critic = ValueFlowCritic(8, width=16)
     loss, metrics = critic.loss(torch.randn(2, 3, 8), torch.randn(2, 3, 4), torch.ones(2, 3), **options)
     assert torch.isfinite(loss) and "critic/consistency_loss" not in metrics
@@ -423,7 +437,7 @@ def test_train_on_user_data_and_reward_function(tmp_path, capsys):
     ("algo", "backbone"),
     [("ppo", "frozen"), ("dfpo", "frozen"), ("dvpo", "frozen"), ("ppo", "separate"), ("dfpo", "shared")],
 )
-def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path):
+def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path, monkeypatch):
     """critic.updates=k takes k - 1 more critic steps on the step's batch alone (from the saved features, or
     through a separate critic trunk, a micro-batch at a time): the critic's loss on that batch falls, the actor and
     the policy are untouched by them (a shared trunk too: the extra steps train the head alone), and the whole
@@ -435,28 +449,28 @@ def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path):
     trainer = Trainer(build_config([*base, f"run_dir={tmp_path / 'a'}", "critic.updates=6", *extra]))
     trainer.step = 1
     captured = {}
-    original = trainer._critic_steps
+    original = updates.critic_steps
 
-    def batch_loss(batch, width):  # the flow critic's loss draws noise: the same draws before and after
-        rows = torch.arange(batch["mask"].shape[0])
+    def batch_loss(exp):  # the flow critic's loss draws noise: the same draws before and after
+        rows = torch.arange(exp.mask.shape[0])
         with torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(0)
             if trainer.trunk is None:
-                hidden = batch["critic_hidden"]
+                hidden = exp.critic_hidden
             else:
-                hidden = trunk_hidden(trainer.trunk, batch["ids"], batch["attn"], width).float()
-            return float(trainer._critic_loss(hidden, batch, rows, batch["mask"])[0])
+                hidden = trunk_hidden(trainer.trunk, exp.ids, exp.attn, exp.width).float()
+            return float(updates.critic_loss(trainer, hidden, exp, rows, exp.mask, 0)[0])
 
-    def spy(batch, steps, micro, width):
-        before = batch_loss(batch, width)
+    def spy(t, exp, steps, key):
+        before = batch_loss(exp)
         policy = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-        out = original(batch, steps, micro, width)
-        after = batch_loss(batch, width)
-        captured.update(before=before, after=after, steps=steps, micro=micro)
+        out = original(t, exp, steps, key)
+        after = batch_loss(exp)
+        captured.update(before=before, after=after, steps=steps, micro=exp.micro)
         assert all(torch.equal(v, trainer.policy.state_dict()[k]) for k, v in policy.items())
         return out
 
-    trainer._critic_steps = spy
+    monkeypatch.setattr(updates, "critic_steps", spy)
     metrics = trainer.train_step()
     assert captured["steps"] == 5 and captured["after"] < captured["before"]
     assert captured["micro"] == (4 if backbone == "separate" else 0)
@@ -467,7 +481,7 @@ def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "robust_ppo", "dfpo"])
-def test_critic_targets_are_monte_carlo_returns(algo, tmp_path):
+def test_critic_targets_are_monte_carlo_returns(algo, tmp_path, monkeypatch):
     """Decoupled GAE: with advantage.critic_lam=1 (the default) the critic regresses onto the returns-to-go of
     the per-token rewards (every distributional target sample equal to it), whatever the critic predicts, while
     the actor's advantages keep advantage.lam; with critic_lam=advantage.lam the targets are GAE's returns."""
@@ -482,13 +496,13 @@ def test_critic_targets_are_monte_carlo_returns(algo, tmp_path):
         trainer = Trainer(config)
         trainer.step = 1
         seen = {}
-        original = trainer._critic_metrics
+        original = phases.critic_metrics
 
-        def spy(g, targets, seen=seen, original=original):
+        def spy(g, targets, gamma, seen=seen, original=original):
             seen.update(g=g, targets=targets)
-            return original(g, targets)
+            return original(g, targets, gamma)
 
-        trainer._critic_metrics = spy
+        monkeypatch.setattr(phases, "critic_metrics", spy)
         metrics = trainer.train_step()
         g, targets = seen["g"], seen["targets"]
         mc = returns_to_go(g["rewards"], g["mask"])

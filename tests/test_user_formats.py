@@ -12,7 +12,7 @@ from dfpo.tasks.user import DataError, UserTask, load_rows
 
 TINY = [
     "model=tiny", "task=user", "rollout.prompts=2", "rollout.samples=2", "rollout.max_new_tokens=12", "eval.limit=4",
-    "eval.samples=2", "critic.warmup_steps=1", "critic.samples=8", "log.progress=false", "algo=grpo",
+    "eval.samples=2", "critic.warmup_steps=1", "critic.flow.samples=8", "log.progress=false", "algo=grpo",
 ]  # fmt: skip
 
 REWARDS = '''

@@ -124,3 +124,25 @@ def describe(config_type: type, prefix: str = "") -> str:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def check_mapping_types(config: Any, mapping: dict[str, Any], prefix: str, source: str) -> None:
+    """A value of a nested mapping (a YAML file, named by ``source``) of the wrong kind for its key (a list or
+    mapping where one value belongs, a mapping missing where a group is) is refused naming the key; scalars are
+    converted by the key's type later, as on the command line. Unknown keys are left to the override parser, which
+    names the valid ones."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key, value in mapping.items():
+        if key not in fields:
+            continue
+        current = fields[key]
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{key} is a group of keys: give a mapping, not {value!r}")
+            check_mapping_types(current, value, f"{prefix}{key}.", source)
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix}{key} takes a mapping of options, not {value!r}")
+        elif isinstance(value, (list, dict)):
+            kind = "a list" if isinstance(value, list) else "a mapping"
+            raise ConfigError(f"{source}: {prefix}{key} takes one {type(current).__name__} value, got {kind} {value!r}")

@@ -178,7 +178,8 @@ def _split(value: str) -> list[str]:
 def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     from dfpo.experiments.noisy.grid import _code_version
     from dfpo.options import flatten
-    from dfpo.training.config import BACKBONES, build_config
+    from dfpo.training.config import build_config
+    from dfpo.training.critic_options import BACKBONES
     from dfpo.training.trainer import Trainer
 
     algos, backbones, tasks = _split(config.algos), _split(config.backbones), _split(config.tasks)

@@ -147,7 +147,7 @@ def _update_passes(trainer: Any, actor_active: bool) -> int:
     epochs = c.actor.epochs
     backward = actor_active or (trainer.critic is not None and c.critic.backbone == "shared")
     passes = 0
-    if backward or trainer._critic_on_policy:
+    if backward or trainer.critic_on_policy:
         passes = (3 if backward else 1) * epochs - (1 if trainer.fused else 0)
         passes += epochs if backward and c.actor.checkpoint_prompts else 0
     if trainer.trunk is not None:

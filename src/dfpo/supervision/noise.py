@@ -19,14 +19,15 @@ Specs accepted by :func:`make_noise`: ``clean``, ``flip(p)``, ``gaussian(sigma)`
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dfpo.supervision.base import NoiseError, NoiseModel, NoisyRewards
+from dfpo.supervision.base import LabelContext, NoiseError, NoiseHooks, NoiseModel, NoisyRewards
 from dfpo.tasks.base import majority_vote
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Clean", "Flip", "Gaussian", "NoiseError", "NoiseModel", "NoisyRewards", "PseudoLabel", "make_noise"]
 
 
-class RewardNoise(ABC):
+class RewardNoise(NoiseHooks, ABC):
     """Noise applied to the true reward itself: subclasses implement ``__call__(true_rewards, step)``."""
 
     @abstractmethod
@@ -134,7 +135,7 @@ _SPEC = re.compile(r"^\s*(\w+)\s*(?:\(\s*([^)]*)\s*\))?\s*$")
 
 
 @dataclass(frozen=True)
-class PseudoLabel:
+class PseudoLabel(NoiseHooks):
     """Test-time-RL supervision: the majority answer of ``n`` samples of the starting policy replaces the gold one.
 
     Call :meth:`label` once, before training, on the training examples; it adds ``pseudo_answer`` (``None`` when
@@ -145,6 +146,9 @@ class PseudoLabel:
     n: int
     seed: int = 0
     name: str = "pseudo_label"
+    # in training: each prompt's label {"answer", "right"}, keyed by the prompt, kept in checkpoints
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+    needs_reference = True
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -178,6 +182,37 @@ class PseudoLabel:
             right += task.score_answer(pseudo, example) if pseudo is not None else 0.0
         count = max(1, len(examples))
         return labelled, {"accuracy": right / count, "abstain_rate": missing / count, "agreement": agreement / count}
+
+    def prepare(self, examples: list[dict[str, Any]], context: LabelContext) -> list[dict[str, Any]]:
+        """``examples`` with their pseudo-label: the majority vote of the *starting* policy, computed the first
+        time an example is drawn, and drawn from a forked generator so that labelling never moves the training's
+        random stream."""
+        keys = [json.dumps(e["prompt"], sort_keys=True) for e in examples]
+        todo = [e for e, k in zip(examples, keys, strict=True) if k not in self.labels]
+        new: dict[str, Any] = {}
+        if todo:
+            with torch.random.fork_rng():
+                labelled, _ = self.label(context.model, context.tokenizer, context.task, todo, context.temperature,
+                                         context.top_p, context.max_new_tokens)  # fmt: skip
+            for e in labelled:
+                right = e["pseudo_answer"] is not None and context.task.score_answer(e["pseudo_answer"], e) > 0.5
+                new[json.dumps(e["prompt"], sort_keys=True)] = {"answer": e["pseudo_answer"], "right": bool(right)}
+        # every process keeps every label: any may draw the example later, and the first saves them
+        for labels in context.gather(new):
+            self.labels.update(labels)
+        return [{**e, "pseudo_answer": self.labels[k]["answer"]} for e, k in zip(examples, keys, strict=True)]
+
+    def state(self) -> dict[str, Any]:
+        return self.labels
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.labels.clear()
+        self.labels.update(state)
+
+    def metrics(self) -> dict[str, float]:
+        if not self.labels:
+            return {}
+        return {"reward/pseudo_label_accuracy": sum(v["right"] for v in self.labels.values()) / len(self.labels)}
 
     def score(
         self,

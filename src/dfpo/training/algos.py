@@ -30,11 +30,16 @@ ALGOS: dict[str, Algo] = {
     ),
     "robust_ppo": Algo(
         "robust-Bellman PPO: bootstrapped ensemble value heads regressed onto the worst case of their GAE targets",
-        ("critic.kind=ensemble", "critic.heads=4", "advantage.estimator=gae"),
+        ("critic.kind=ensemble", "critic.ensemble.heads=4", "advantage.estimator=gae"),
     ),
     "dvpo": Algo(
         "DVPO: a quantile critic (3 heads x 200 quantiles), quantile-Huber loss, distributional GAE, risk terms",
-        ("critic.kind=quantile", "critic.heads=3", "critic.quantiles=200", "advantage.estimator=distributional_gae"),
+        (
+            "critic.kind=quantile",
+            "critic.quantile.heads=3",
+            "critic.quantile.quantiles=200",
+            "advantage.estimator=distributional_gae",
+        ),
     ),
     "grpo": Algo(
         "GRPO: group-normalised outcome advantages, no critic, k3 KL as a loss",

@@ -8,7 +8,6 @@ train, naming the key and the valid values.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from dfpo.options import ConfigError, apply_overrides, flatten, option
+from dfpo.options import ConfigError, apply_overrides, check_mapping_types, flatten, option
+from dfpo.training.critic_options import CriticOptions, one_of, upgrade_keys
+from dfpo.training.ranges import check_ranges
 
-CRITIC_KINDS = ("none", "scalar", "ensemble", "quantile", "flow")
-BACKBONES = ("separate", "shared", "frozen")
 KL_MODES = ("reward", "loss", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -88,65 +87,6 @@ class ActorOptions:
     lora_targets: str = option(
         "all-linear", "modules that get adapters: all-linear, or comma-separated names (q_proj,v_proj)"
     )
-
-
-@dataclass(frozen=True)
-class CriticOptions:
-    kind: str = option("flow", "none, scalar (PPO), ensemble (robust PPO), quantile (DVPO) or flow (DFPO)")
-    backbone: str = option(
-        "frozen", "separate (own copy of the LM), shared (heads on the policy's trunk) or frozen (detached features)"
-    )
-    lr: float = option(
-        3e-3, "peak AdamW learning rate of the critic head (dfpo bench critic: 1e-3 left every critic near zero)"
-    )
-    trunk_lr: float = option(0.0, "learning rate of a separate critic trunk (0: the same as actor.lr)")
-    warmup_steps: int = option(2, "steps at the start that train the critic only (the actor waits)")
-    coef: float = option(0.5, "weight of the critic loss when it shares the policy's trunk")
-    updates: int = option(
-        0,
-        "critic gradient steps per training step: the first with the actor's update, the others on the step's "
-        "batch alone (frozen or shared backbone: the head only, from the features saved while scoring; separate: "
-        "the critic trunk's forward and backward again). 0: auto, 16 (see critic_updates())",
-    )
-    grad_clip: float = option(1.0, "max gradient norm of the critic (0: no clipping)")
-    value_clip: float = option(0.2, "PPO value clip of scalar and ensemble critics (0: unclipped)")
-    samples: int = option(16, "K return samples per token of the flow critic")
-    sample_steps: int = option(
-        1, "Euler steps from noise to a return sample of the flow critic (1: DFPO's one step; more: an ablation)"
-    )
-    width: int = option(
-        64,
-        "hidden width of the critic head, every kind alike (LayerNorm, then an MLP of this width); scalar and "
-        "ensemble critics: 0 gives a bare linear head on unnormalised features",
-    )
-    heads: int = option(3, "heads of a quantile critic, members of an ensemble critic")
-    quantiles: int = option(200, "M quantiles per head of a quantile critic")
-    return_scale: float = option(1.0, "typical return magnitude (1 for 0/1 rewards)")
-    risk_weight: float = option(0.1, "weight of the risk terms (CVaR, upper-tail gain, tail shape)")
-    clamp: bool = option(
-        True,
-        "clamp a distributional critic's samples and targets to the task's reward range (task.reward_range) when the "
-        "return is that reward alone (kl.mode loss or none); user tasks declare none",
-    )
-    risk_targets: str = option(
-        "pooled",
-        "what the risk terms calibrate against: pooled (the return distribution pooled over trajectories, of which "
-        "each token sees one) or token (each token's own targets, as DVPO writes it: collapses the distribution)",
-    )
-    kappa: float = option(
-        0.02, "quantile critic: Huber threshold of the quantile loss in return_scale units (small: quantiles)"
-    )
-    pessimism: float = option(0.0, "ensemble critic: quantile of the members' targets (0: the minimum)")
-    bootstrap: float = option(
-        0.5,
-        "ensemble critic: the probability that a member trains on a sequence (a Bernoulli bootstrap mask per "
-        "sequence and member, drawn from the seed, the step and the sequence's row), so that the members fit "
-        "different resamples and their minimum is pessimistic where data is scarce (Bootstrapped DQN's masks, "
-        "Osband et al. 2016; 0.5: the double-or-nothing bootstrap); 0 or 1: every member trains on every sequence",
-    )
-    flow: dict = option({}, "extra options of ValueFlowCritic.loss, e.g. critic.flow.coupling=independent")
-    lora_rank: int = option(0, "r > 0: LoRA adapters of rank r on a separate critic trunk instead of all its weights")
-    lora_alpha: float = option(0.0, "LoRA scaling alpha of the critic trunk (0: twice the rank)")
 
 
 @dataclass(frozen=True)
@@ -272,31 +212,8 @@ def load_yaml(path_or_name: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values at the top level")
-    _check_yaml_types(TrainConfig(), data, "", path)
+    check_mapping_types(TrainConfig(), data, "", f"--config {path}")
     return data
-
-
-def _check_yaml_types(config: Any, mapping: dict[str, Any], prefix: str, path: Path) -> None:
-    """A YAML value of the wrong kind for its key (a list or mapping where one value belongs, a mapping missing
-    where a group is) is refused naming the key; scalars are converted by the key's type later, as on the command
-    line. Unknown keys are left to the override parser, which names the valid ones."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    for key, value in mapping.items():
-        if key not in fields:
-            continue
-        current = fields[key]
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"--config {path}: {prefix}{key} is a group of keys: give a mapping, not {value!r}")
-            _check_yaml_types(current, value, f"{prefix}{key}.", path)
-        elif isinstance(current, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"--config {path}: {prefix}{key} takes a mapping of options, not {value!r}")
-        elif isinstance(value, (list, dict)):
-            kind = "a list" if isinstance(value, list) else "a mapping"
-            raise ConfigError(
-                f"--config {path}: {prefix}{key} takes one {type(current).__name__} value, got {kind} {value!r}"
-            )
 
 
 def build_config(overrides: list[str], config_file: str | None = None) -> TrainConfig:
@@ -306,7 +223,7 @@ def build_config(overrides: list[str], config_file: str | None = None) -> TrainC
     file_items = flatten(load_yaml(config_file)) if config_file else []
     # the algo decides the preset, so find it first (command line over file over default)
     probe = apply_overrides(TrainConfig(), [i for i in [*file_items, *overrides] if i.split("=", 1)[0] == "algo"])
-    config = apply_overrides(TrainConfig(), [*algo_overrides(probe.algo), *file_items, *overrides])
+    config = apply_overrides(TrainConfig(), upgrade_keys([*algo_overrides(probe.algo), *file_items, *overrides]))
     config = resolve_auto(config)
     validate(config)
     return config
@@ -345,104 +262,6 @@ def resolve_auto(c: TrainConfig) -> TrainConfig:
     return c
 
 
-def _one_of(key: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r}: valid values are {', '.join(valid)}")
-
-
-# keyword arguments of ValueFlowCritic.loss that the trainer sets itself
-_FLOW_RESERVED = (
-    "self", "hidden", "target_samples", "mask", "anchor_samples", "risk_weight", "sample_steps", "risk_targets",
-)  # fmt: skip
-
-
-def flow_loss_options(flow: dict[str, Any]) -> dict[str, Any]:
-    """``critic.flow`` as keyword arguments of :meth:`ValueFlowCritic.loss`, checked: an unknown key or an invalid
-    choice is refused, naming the valid ones. The override parser reads ``none`` as null; a string option (such
-    as ``consistency``) gets the string ``"none"`` back."""
-    import inspect
-
-    from dfpo.critics import value_flow
-
-    params = inspect.signature(value_flow.ValueFlowCritic.loss).parameters
-    valid = [name for name in params if name not in _FLOW_RESERVED]
-    choices = {
-        "coupling": value_flow.COUPLINGS,
-        "uncertainty_weight": value_flow.UNCERTAINTY_WEIGHTS,
-        "anchor": value_flow.ANCHORS,
-        "consistency": value_flow.CONSISTENCIES,
-    }
-    out = {}
-    for key, value in flow.items():
-        if key not in valid:
-            raise ConfigError(f"critic.flow.{key}: not an option of the flow critic; valid: {', '.join(valid)}")
-        if value is None and isinstance(params[key].default, str):
-            value = "none"
-        if key in choices:
-            _one_of(f"critic.flow.{key}", value, choices[key])
-        out[key] = value
-    return out
-
-
-# Every numeric setting's valid values, in one place, checked before any model loads (a test keeps this table
-# complete). ">0", ">=1": bounds; "[0,1]", "(0,1]": intervals; every float must also be finite.
-RANGES: dict[str, str] = {
-    "train_limit": ">=0", "steps": ">=1", "seed": ">=0", "max_bad_steps": ">=1", "threads": ">=0",
-    "rollout.prompts": ">=1", "rollout.samples": ">=1", "rollout.max_new_tokens": ">=1",
-    "rollout.temperature": ">0", "rollout.top_p": "(0,1]", "rollout.batch_size": ">=1",
-    "rollout.vllm_memory": "(0,1]", "rollout.generate_prompts": ">=0", "rollout.max_prompt_tokens": ">=0",
-    "actor.lr": ">0", "actor.weight_decay": ">=0", "actor.warmup_steps": ">=0", "actor.epochs": ">=1",
-    "actor.minibatches": ">=1", "actor.micro_batch": ">=0", "actor.micro_tokens": ">=0",
-    "actor.checkpoint_prompts": ">=0", "actor.clip_low": "[0,1)", "actor.clip_high": ">=0", "actor.grad_clip": ">=0",
-    "actor.lora_rank": ">=0", "actor.lora_alpha": ">=0",
-    "critic.lr": ">0", "critic.trunk_lr": ">=0", "critic.warmup_steps": ">=0", "critic.coef": ">=0",
-    "critic.updates": ">=0", "critic.grad_clip": ">=0", "critic.value_clip": ">=0", "critic.samples": ">=1",
-    "critic.sample_steps": ">=1", "critic.width": ">=0", "critic.heads": ">=1", "critic.quantiles": ">=1",
-    "critic.return_scale": ">0", "critic.risk_weight": ">=0", "critic.kappa": ">0", "critic.pessimism": "[0,1]",
-    "critic.bootstrap": "[0,1]", "critic.lora_rank": ">=0", "critic.lora_alpha": ">=0",
-    "kl.coef": ">=0",
-    "advantage.gamma": "[0,1]", "advantage.lam": "[0,1]", "advantage.critic_lam": "[0,1]",
-    "advantage.adaptive_lam": ">=0",
-    "eval.every": ">=0", "eval.limit": ">=1", "eval.samples": ">=0", "eval.max_new_tokens": ">=0",
-    "log.samples_every": ">=0",
-    "checkpoint.every": ">=0", "checkpoint.keep": ">=0",
-}  # fmt: skip
-
-
-def numeric_settings(config: Any, prefix: str = "") -> dict[str, int | float]:
-    """Every int and float field of ``config`` and its groups, by dotted key (bools are not numbers here)."""
-    out: dict[str, int | float] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(numeric_settings(value, f"{prefix}{f.name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{f.name}"] = value
-    return out
-
-
-def _within(value: float, spec: str) -> bool:
-    if spec.startswith(">="):
-        return value >= float(spec[2:])
-    if spec.startswith(">"):
-        return value > float(spec[1:])
-    low, high = (float(x) for x in spec[1:-1].split(","))
-    above = value >= low if spec[0] == "[" else value > low
-    below = value <= high if spec[-1] == "]" else value < high
-    return above and below
-
-
-def check_ranges(c: TrainConfig) -> None:
-    """Refuse a numeric setting outside :data:`RANGES` or not finite, naming the key and its valid values."""
-    for key, value in numeric_settings(c).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value}: must be a finite number")
-        spec = RANGES[key]
-        if not _within(value, spec):
-            shown = f"in {spec}" if spec[0] in "[(" else spec.replace(">=", ">= ").replace(">0", "> 0")
-            raise ConfigError(f"{key}={value}: must be {shown}")
-
-
 def validate(c: TrainConfig) -> None:
     """Refuse settings that cannot train, naming the key and what would work."""
     check_ranges(c)
@@ -459,20 +278,26 @@ def validate(c: TrainConfig) -> None:
     from dfpo.core.masked import AGGREGATIONS
     from dfpo.training.algos import ALGOS
 
-    _one_of("algo", c.algo, list(ALGOS))
-    _one_of("task", c.task, tasks.names())
-    _one_of("critic.kind", c.critic.kind, CRITIC_KINDS)
-    _one_of("critic.backbone", c.critic.backbone, BACKBONES)
-    _one_of("kl.mode", c.kl.mode, KL_MODES)
-    _one_of("kl.estimator", c.kl.estimator, ESTIMATORS)
-    _one_of("actor.schedule", c.actor.schedule, SCHEDULES)
-    _one_of("precision", c.precision, PRECISIONS)
-    _one_of("actor.aggregation", c.actor.aggregation, AGGREGATIONS)
-    _one_of("actor.loss", c.actor.loss, policy_losses.names())
-    _one_of("advantage.estimator", c.advantage.estimator, advantages.names())
-    _one_of("parallel", c.parallel, ("ddp", "fsdp"))
-    _one_of("rollout.engine", c.rollout.engine, ("hf", "vllm"))
-    _one_of("rollout.long_prompts", c.rollout.long_prompts, ("refuse", "truncate"))
+    one_of("algo", c.algo, list(ALGOS))
+    one_of("task", c.task, tasks.names())
+    c.critic.check()
+    one_of("kl.mode", c.kl.mode, KL_MODES)
+    one_of("kl.estimator", c.kl.estimator, ESTIMATORS)
+    one_of("actor.schedule", c.actor.schedule, SCHEDULES)
+    one_of("precision", c.precision, PRECISIONS)
+    one_of("actor.aggregation", c.actor.aggregation, AGGREGATIONS)
+    one_of("actor.loss", c.actor.loss, policy_losses.names())
+    one_of("advantage.estimator", c.advantage.estimator, advantages.names())
+    one_of("parallel", c.parallel, ("ddp", "fsdp"))
+    one_of("rollout.engine", c.rollout.engine, ("hf", "vllm"))
+    one_of("rollout.long_prompts", c.rollout.long_prompts, ("refuse", "truncate"))
+    _check_devices(c)
+    _check_estimator(c)
+    _check_batches(c)
+
+
+def _check_devices(c: TrainConfig) -> None:
+    """vLLM, FSDP with LoRA, the device, LoRA on the critic, and the checkpoint to resume."""
     if c.rollout.engine == "vllm":
         import importlib.util
 
@@ -503,8 +328,14 @@ def validate(c: TrainConfig) -> None:
     if c.resume not in ("", "auto") and not Path(c.resume).is_dir():
         raise ConfigError(f"resume={c.resume!r}: use 'auto' (run_dir's latest checkpoint) or a checkpoint folder")
 
+
+def _check_estimator(c: TrainConfig) -> None:
+    """The advantage estimator against the critic kind and the group size."""
+    from dfpo.core import advantages
+    from dfpo.training.objectives import objective_class
+
     estimator_inputs = advantages.ADVANTAGES.inputs(c.advantage.estimator)[0]
-    grouped = "group" in estimator_inputs or c.actor.loss == "flowrl"
+    grouped = "group" in estimator_inputs or objective_class(c.actor.loss).compares_group
     if grouped and c.rollout.samples < 2:
         raise ConfigError(
             f"rollout.samples={c.rollout.samples}: {c.algo} compares the responses to one prompt "
@@ -524,17 +355,10 @@ def validate(c: TrainConfig) -> None:
         )
     if c.critic.kind in ("scalar", "ensemble") and "values" not in estimator_inputs:
         raise ConfigError(f"critic.kind={c.critic.kind} needs advantage.estimator=gae (got {c.advantage.estimator})")
-    if c.critic.kind == "flow":
-        flow_loss_options(c.critic.flow)
-    _one_of("critic.risk_targets", c.critic.risk_targets, ("pooled", "token"))
-    if c.critic.kind == "flow" and c.critic.samples < 2:
-        raise ConfigError(f"critic.samples={c.critic.samples}: a flow critic needs K >= 2 return samples")
-    if c.critic.width == 0 and c.critic.kind in ("quantile", "flow"):
-        raise ConfigError(
-            f"critic.width={c.critic.width}: must be at least 1 (0, a bare linear head, only for scalar and ensemble)"
-        )
-    if c.critic.kind == "quantile" and c.critic.quantiles < 2:
-        raise ConfigError(f"critic.quantiles={c.critic.quantiles}: a quantile critic needs at least 2")
+
+
+def _check_batches(c: TrainConfig) -> None:
+    """Minibatches and micro-batches that divide the step's sequences, and noise that fits the task."""
     batch = c.rollout.prompts * c.rollout.samples
     if batch % c.actor.minibatches:
         raise ConfigError(
@@ -556,23 +380,3 @@ def validate(c: TrainConfig) -> None:
     if c.noise.startswith(("flip", "pseudo_label")) and c.task == "dialogue":
         raise ConfigError(f"noise={c.noise} needs binary right/wrong rewards; dialogue's F1 is graded: "
                           "use noise=reward_model, gaussian(s) or clean")  # fmt: skip
-
-
-AUTO_CRITIC_UPDATES = 16
-
-
-def critic_updates(c: TrainConfig) -> int:
-    """Critic gradient steps per training step: ``critic.updates``, or with 0 (auto) 16 on every backbone.
-    ``dfpo bench critic`` measured what the critics need (docs/training.md): with one step per training step none
-    learned (on a shared trunk neither, 0.06-0.09 against a ridge probe's 0.68); 16 full-batch steps at
-    ``critic.lr = 3e-3`` brought every critic above its ridge probe on the prompt-decided task. On a shared trunk
-    the 15 extra steps train the head alone on the saved features: the policy moves only with the actor's update."""
-    return c.critic.updates or AUTO_CRITIC_UPDATES
-
-
-def changed_keys(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...]) -> list[str]:
-    """Dotted keys whose values differ between two configs, except those under ``ignore`` prefixes."""
-    flat_a = dict(i.split("=", 1) for i in flatten(dataclasses.asdict(a)))
-    flat_b = dict(i.split("=", 1) for i in flatten(dataclasses.asdict(b)))
-    keys = sorted(set(flat_a) | set(flat_b))
-    return [k for k in keys if flat_a.get(k) != flat_b.get(k) and not k.startswith(ignore)]

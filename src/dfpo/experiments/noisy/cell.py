@@ -98,7 +98,7 @@ def stability(curve: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from dfpo.training.trainer import _write_json as write_atomically
+    from dfpo.training.control import write_json as write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, data)

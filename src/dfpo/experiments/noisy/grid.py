@@ -158,7 +158,7 @@ SCALES: dict[str, Scale] = {
             "rollout.prompts=8",
             "rollout.samples=4",
             "actor.lr=2e-6",
-            "critic.samples=32",
+            "critic.flow.samples=32",
             "critic.width=128",
         ),
         steps=20,
@@ -181,10 +181,12 @@ class Ablation:
 
 
 ABLATIONS: dict[str, Ablation] = {
-    "euler2": Ablation("dfpo", ("critic.sample_steps=2",), "2 Euler steps from noise to a return sample"),
-    "euler4": Ablation("dfpo", ("critic.sample_steps=4",), "4 Euler steps"),
-    "euler8": Ablation("dfpo", ("critic.sample_steps=8",), "8 Euler steps"),
-    "no_risk": Ablation("dfpo", ("critic.risk_weight=0",), "without the risk terms (CVaR, upper-tail gain, shape)"),
+    "euler2": Ablation("dfpo", ("critic.flow.sample_steps=2",), "2 Euler steps from noise to a return sample"),
+    "euler4": Ablation("dfpo", ("critic.flow.sample_steps=4",), "4 Euler steps"),
+    "euler8": Ablation("dfpo", ("critic.flow.sample_steps=8",), "8 Euler steps"),
+    "no_risk": Ablation(
+        "dfpo", ("critic.flow.risk_weight=0",), "without the risk terms (CVaR, upper-tail gain, shape)"
+    ),
     "no_consistency": Ablation("dfpo", ("critic.flow.consistency=none",), "without geometric consistency"),
     "uweight_off": Ablation("dfpo", ("critic.flow.uncertainty_weight=none",), "uncertainty weight off"),
     "uweight_inverse": Ablation("dfpo", ("critic.flow.uncertainty_weight=inverse",), "uncertainty weight inverted"),
@@ -196,9 +198,9 @@ ABLATIONS: dict[str, Ablation] = {
         ("critic.flow.cfm_weight=1", "critic.flow.coupling=independent"),
         "the flow-matching term on with independent noise-target coupling (against cfm: the coupling's effect)",
     ),
-    "k8": Ablation("dfpo", ("critic.samples=8",), "K = 8 return samples"),
-    "k32": Ablation("dfpo", ("critic.samples=32",), "K = 32 return samples"),
-    "k64": Ablation("dfpo", ("critic.samples=64",), "K = 64 return samples"),
+    "k8": Ablation("dfpo", ("critic.flow.samples=8",), "K = 8 return samples"),
+    "k32": Ablation("dfpo", ("critic.flow.samples=32",), "K = 32 return samples"),
+    "k64": Ablation("dfpo", ("critic.flow.samples=64",), "K = 64 return samples"),
     "dvpo_equal": Ablation("dvpo", (), "DVPO's quantile head sized to the flow head's parameter count", "quantile"),
     "ppo_equal": Ablation(
         "ppo",
@@ -210,7 +212,7 @@ ABLATIONS: dict[str, Ablation] = {
 
 
 def _critic_width(settings: list[str]) -> int:
-    from dfpo.training.config import CriticOptions
+    from dfpo.training.critic_options import CriticOptions
 
     widths = [s.split("=", 1)[1] for s in settings if s.startswith("critic.width=")]
     return int(widths[-1]) if widths else CriticOptions().width

@@ -28,6 +28,7 @@ from dfpo.experiments.noisy.grid import (
 )
 from dfpo.experiments.noisy.report import write_report
 from dfpo.options import ConfigError
+from dfpo.training.critic_options import upgrade_keys
 
 # -- the grid ----------------------------------------------------------------------------------------------------
 
@@ -209,6 +210,8 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
     grid_path = out / "grid.json"
     if grid_path.exists():
         grid = json.loads(grid_path.read_text())
+        # a grid begun under the earlier flat critic keys (critic.samples=...) holds the same settings
+        grid["budget"]["settings"] = upgrade_keys(grid["budget"]["settings"])
         if grid["budget"] != budget:
             raise ConfigError(
                 f"out={out} holds a grid with another budget ({grid['budget']}); give the same scale, steps, "
