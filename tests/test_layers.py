@@ -109,3 +109,14 @@ def test_the_training_step_reads_in_short_functions():
                 if lines > 60:
                     long.append(f"training/{name}.py:{node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    """The README's layout section keeps up with the tree: every package and module of ``dfpo`` is named there."""
+    readme = (ROOT.parent.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    entries = [p.stem for p in ROOT.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    entries += [p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    entries += [f"{p.parent.name}/{p.stem}" for p in ROOT.glob("*/*.py") if p.stem != "__init__"]
+    missing = [e for e in entries if e.split("/")[-1] not in layout]
+    assert not missing, f"name these in README.md's Layout section: {missing}"
