@@ -93,9 +93,20 @@ def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
     [
         (["preset=nope"], "unknown preset 'nope'; presets: tiny-arithmetic"),
         (["preset=tiny-arithmetic", "task=math"], "preset= sets task, task_options and max_new_tokens"),
+        # a value the task refuses is named without a traceback, as an unknown option is
+        (
+            [
+                "task_options.digits=1",
+                "task_options.operators=*",
+                "task_options.max_terms=2",
+                "task_options.eval_size=1000",
+            ],
+            "task_options for task 'arithmetic': arithmetic: only 100 distinct problems found for 1000 requested",
+        ),
+        (["task_options.colour=red"], "task_options for task 'arithmetic':"),
     ],
 )
-def test_dfpo_eval_refuses_a_preset_mixed_with_task_keys(args, message, capsys):
+def test_dfpo_eval_refuses_bad_task_keys_without_a_traceback(args, message, capsys):
     assert main(["eval", *args]) == 2
     assert message in capsys.readouterr().err
 

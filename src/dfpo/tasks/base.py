@@ -123,12 +123,17 @@ def target_text(example: dict[str, Any]) -> str:
 
 
 def build_task(name: str, options: dict[str, Any]) -> Task:
-    """:func:`get`, with options a task does not take reported as a :class:`~dfpo.options.ConfigError`."""
+    """:func:`get`, with options a task does not take, or values it refuses, reported as a
+    :class:`~dfpo.options.ConfigError` (a user data or reward file's own error keeps its type: it names the row)."""
     from dfpo.options import ConfigError
+    from dfpo.tasks.rewards import RewardFunctionError
+    from dfpo.tasks.user import DataError
 
     try:
         return get(name, **options)
-    except TypeError as error:
+    except (DataError, RewardFunctionError):
+        raise
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"task_options for task {name!r}: {error}") from None
 
 
