@@ -305,6 +305,28 @@ def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys):
     assert "fix the file" in err and "Traceback" not in err
 
 
+def test_a_run_that_ends_on_skipped_steps_names_why(tmp_path, monkeypatch, capsys):
+    """Skipped steps at the end of a run (fewer than max_bad_steps) are said, with what was NaN: the last
+    checkpoint is older than the run's last step."""
+    from dfpo.training.config import build_config
+    from dfpo.training.trainer import Trainer
+
+    trainer = Trainer(build_config([*SMALL, "algo=grpo", "steps=2", "max_bad_steps=3", "checkpoint.every=1",
+                                    "eval.splits=", f"run_dir={tmp_path / 'run'}"]))  # fmt: skip
+    real = type(trainer.noise).score
+
+    def score(self, *args, **kwargs):
+        scored = real(self, *args, **kwargs)
+        scored.observed[0] = float("nan") if trainer.step >= 2 else scored.observed[0]
+        return scored
+
+    monkeypatch.setattr(type(trainer.noise), "score", score)
+    trainer.run()
+    err = capsys.readouterr().err
+    assert "the last 1 step(s) were skipped, the last for a NaN or inf reward for 1 of 4 responses" in err
+    assert "the last checkpoint is" in err and "step_000001" in err
+
+
 @pytest.mark.parametrize("source", ["reward", "reference"])
 def test_a_nan_reward_or_log_prob_is_named(source, tmp_path, monkeypatch):
     from dfpo.training.config import build_config

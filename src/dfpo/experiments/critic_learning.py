@@ -64,7 +64,7 @@ class CriticBenchConfig:
 
 
 class Recorder:
-    """An observer of training steps (:class:`dfpo.training.trainer.StepData`) that keeps, per step, the tokens'
+    """An observer of training steps (:class:`dfpo.training.step.StepData`) that keeps, per step, the tokens'
     features, Monte-Carlo returns, predicted values, and the known distribution's parameters."""
 
     def __init__(self, task: Any, gamma: float) -> None:

@@ -247,8 +247,9 @@ class Trainer:
         bar.close()
         self.log.close()
         if self.bad_steps and main:  # no checkpoint follows a skipped step: say so rather than end as if all went well
-            print(f"train: the last {self.bad_steps} step(s) had a NaN or inf loss or gradient and were skipped; the "
-                  f"last checkpoint is {ckpt.latest_checkpoint(self.run_dir)}", file=sys.stderr)  # fmt: skip
+            what = self._fault[0] if self._fault else "a NaN or inf loss or gradient"
+            print(f"train: the last {self.bad_steps} step(s) were skipped, the last for {what}; the last checkpoint "
+                  f"is {ckpt.latest_checkpoint(self.run_dir)}", file=sys.stderr)  # fmt: skip
         if main and c.checkpoint.final:
             self._write_final()
         if not evaluating:
