@@ -104,6 +104,10 @@ def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
             "task_options for task 'arithmetic': arithmetic: only 100 distinct problems found for 1000 requested",
         ),
         (["task_options.colour=red"], "task_options for task 'arithmetic':"),
+        (["limit=-3"], "limit=-3: must be >= 1"),
+        (["max_new_tokens=0"], "max_new_tokens=0: must be >= 1"),
+        (["samples=2", "temperature=-1"], "temperature=-1.0: must be > 0"),
+        (["threads=-1"], "threads=-1: must be >= 0"),
     ],
 )
 def test_dfpo_eval_refuses_bad_task_keys_without_a_traceback(args, message, capsys):
@@ -112,11 +116,14 @@ def test_dfpo_eval_refuses_bad_task_keys_without_a_traceback(args, message, caps
 
 
 def test_every_numeric_setting_has_a_range():
-    """RANGES is the one place numeric settings are checked: a new int or float option needs its entry."""
+    """RANGES is the one place numeric settings are checked: a new int or float option needs its entry (and
+    dfpo eval's own keys theirs, in EVAL_RANGES)."""
+    from dfpo.cli import EVAL_RANGES, EvalConfig
     from dfpo.training.config import TrainConfig
     from dfpo.training.ranges import RANGES, numeric_settings
 
     assert set(numeric_settings(TrainConfig())) == set(RANGES)
+    assert set(numeric_settings(EvalConfig())) == set(EVAL_RANGES)
 
 
 def test_a_yaml_value_of_the_wrong_kind_names_its_key(tmp_path):

@@ -37,9 +37,18 @@ class EvalConfig:
     )
 
 
+# every numeric key of EvalConfig and its valid values (tests/test_config_cli.py keeps the table complete)
+EVAL_RANGES = {"limit": ">=1", "max_new_tokens": ">=1", "samples": ">=0", "temperature": ">0", "seed": ">=0",
+               "threads": ">=0"}  # fmt: skip
+
+
 def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``given``: the keys set on the command line (they win over a run folder's own evaluation settings)."""
     import torch
+
+    from dfpo.training.ranges import check_ranges
+
+    check_ranges(config, EVAL_RANGES)
 
     from dfpo import cpu
     from dfpo.evaluate import evaluate, sampled_metrics

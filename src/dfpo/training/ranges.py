@@ -65,12 +65,14 @@ def _within(value: float, spec: str) -> bool:
     return above and below
 
 
-def check_ranges(c: Any) -> None:
-    """Refuse a numeric setting outside :data:`RANGES` or not finite, naming the key and its valid values."""
+def check_ranges(c: Any, ranges: dict[str, str] | None = None) -> None:
+    """Refuse a numeric setting of ``c`` outside its range (``ranges``, by default :data:`RANGES`) or not finite,
+    naming the key and its valid values."""
+    ranges = RANGES if ranges is None else ranges
     for key, value in numeric_settings(c).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value}: must be a finite number")
-        spec = RANGES[key]
+        spec = ranges[key]
         if not _within(value, spec):
             shown = f"in {spec}" if spec[0] in "[(" else spec.replace(">=", ">= ").replace(">0", "> 0")
             raise ConfigError(f"{key}={value}: must be {shown}")
