@@ -119,11 +119,13 @@ def test_every_numeric_setting_has_a_range():
     """RANGES is the one place numeric settings are checked: a new int or float option needs its entry (and
     dfpo eval's own keys theirs, in EVAL_RANGES)."""
     from dfpo.cli import EVAL_RANGES, EvalConfig
+    from dfpo.sft import SFT_RANGES
     from dfpo.training.config import TrainConfig
     from dfpo.training.ranges import RANGES, numeric_settings
 
     assert set(numeric_settings(TrainConfig())) == set(RANGES)
     assert set(numeric_settings(EvalConfig())) == set(EVAL_RANGES)
+    assert set(numeric_settings(SFTConfig())) == set(SFT_RANGES)
 
 
 def test_a_yaml_value_of_the_wrong_kind_names_its_key(tmp_path):
@@ -192,3 +194,15 @@ def test_the_earlier_flat_critic_keys_still_read():
     with pytest.raises(Exception, match=r"differs from the run's in critic\.flow\.samples"):
         check_resume_config(changed, {"config": {**record, "critic": critic}}, c.resolved_run_dir)
     assert "critic.flow.samples=8" in flatten(config_record(c))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["steps=-1"], "steps=-1: must be >= 1"), (["lr=-1"], "lr=-1.0: must be > 0"),
+     (["stop_at=2"], "stop_at=2.0: must be in [0,1]")],
+)  # fmt: skip
+def test_dfpo_sft_refuses_out_of_range_numbers(args, message, tmp_path, capsys):
+    assert main(["sft", *args, f"out={tmp_path / 'sft'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sft").exists()

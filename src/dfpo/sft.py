@@ -135,13 +135,22 @@ class SFTConfig:
     out: str = option("runs/sft", "output folder: model, tokenizer and sft.json (written atomically)")
 
 
+# every numeric key of SFTConfig and its valid values (tests/test_config_cli.py keeps the table complete)
+SFT_RANGES = {
+    "steps": ">=1", "batch_size": ">=1", "lr": ">0", "warmup_steps": ">=0", "seed": ">=0", "hidden_size": ">=1",
+    "layers": ">=1", "eval_every": ">=0", "eval_limit": ">=1", "max_new_tokens": ">=1", "stop_at": "[0,1]",
+}  # fmt: skip
+
+
 def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
     import torch
 
     from dfpo.models import load_model
     from dfpo.tasks.base import build_task
     from dfpo.tiny import build_model, build_tokenizer
+    from dfpo.training.ranges import check_ranges
 
+    check_ranges(config, SFT_RANGES)
     task = build_task(config.task, config.task_options)
     torch.manual_seed(config.seed)
     if config.model == "scratch":
