@@ -15,6 +15,12 @@ from typing import Any
 from dfpo.core.registry import Registry
 from dfpo.tasks.answers import extract_final_answer, normalize_text, parse_number
 
+
+class DataError(ValueError):
+    """A dataset that cannot be read, or a row missing a field or holding one of the wrong type (user data,
+    :mod:`dfpo.tasks.user`)."""
+
+
 TASKS = Registry("task")
 register = TASKS.register
 names = TASKS.names
@@ -127,7 +133,6 @@ def build_task(name: str, options: dict[str, Any]) -> Task:
     :class:`~dfpo.options.ConfigError` (a user data or reward file's own error keeps its type: it names the row)."""
     from dfpo.options import ConfigError
     from dfpo.tasks.rewards import RewardFunctionError
-    from dfpo.tasks.user import DataError
 
     try:
         return get(name, **options)

@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from dfpo.tasks.answers import answers_match, extract_final_answer
-from dfpo.tasks.base import Task, register, render_prompt
+from dfpo.tasks.base import DataError, Task, register, render_prompt
 from dfpo.tasks.rewards import RewardFunctionError, combine, ground_truth, reward_functions, score_components
 
 __all__ = ["DataError", "RewardFunctionError", "UserTask", "load_rows", "validate_rows"]
 
 MAX_REPORTED = 20
 _FILES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read, or a row missing a field or holding one of the wrong type."""
 
 
 def load_rows(source: Any, split: str = "train") -> list[dict[str, Any]]:
