@@ -93,6 +93,13 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         config = _run_eval_settings(config, trained, given)
         max_new = config.max_new_tokens
     task = build_task(task_name, task_options_for(model_name, task_name, options))
+    for split in config.splits.split(","):  # before the model loads: a split the task lacks, named
+        try:
+            task.examples(split, 1)
+        except ValueError as error:
+            raise ConfigError(f"splits={config.splits!r}: {error}") from None
+    if config.out:  # and a results file that cannot be written, rather than after the evaluation
+        _check_writable(Path(config.out))
     cpu.set_threads(config.threads)
     model, tokenizer = load_model(model_name)
     model.eval()
@@ -123,6 +130,17 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, out)
     return results
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse a results file whose folder cannot be created or written, naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.write-test-{os.getpid()}")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"out={str(path)!r} cannot be written ({error.strerror}); choose another file") from None
 
 
 def _run_eval_settings(config: EvalConfig, trained: dict[str, Any], given: frozenset[str]) -> EvalConfig:

@@ -135,7 +135,11 @@ def build_task(name: str, options: dict[str, Any]) -> Task:
     from dfpo.tasks.rewards import RewardFunctionError
 
     try:
-        return get(name, **options)
+        make = TASKS.get(name)
+    except KeyError as error:  # an unknown task: the message lists the registered ones
+        raise ConfigError(f"task={name!r}: {error.args[0]}") from None
+    try:
+        return make(**options)
     except (DataError, RewardFunctionError):
         raise
     except (TypeError, ValueError) as error:
