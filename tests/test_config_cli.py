@@ -107,7 +107,7 @@ def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
         (["limit=-3"], "limit=-3: must be >= 1"),
         (["task=nope"], "task='nope': unknown task 'nope'; registered: arithmetic"),
         (["splits=eval,nope"], "splits='eval,nope': task 'arithmetic' has no split 'nope'; it has train, eval"),
-        (["out=/proc/dfpo-eval.json"], "out='/proc/dfpo-eval.json' cannot be written"),
+        (["out=/proc/dfpo-eval.json"], "out '/proc/dfpo-eval.json' cannot be written"),
         (["max_new_tokens=0"], "max_new_tokens=0: must be >= 1"),
         (["samples=2", "temperature=-1"], "temperature=-1.0: must be > 0"),
         (["threads=-1"], "threads=-1: must be >= 0"),
@@ -209,3 +209,15 @@ def test_dfpo_sft_refuses_out_of_range_numbers(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sft", "steps=1"], ["bench", "noisy"], ["bench", "critic", "steps=3", "window=1"],
+     ["bench", "throughput", "steps=1"], ["train", "steps=1"]],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_is_named_before_any_work(command, capsys):
+    key = "run_dir" if command[0] == "train" else "out"
+    assert main([*command, f"{key}=/proc/dfpo-cannot-write/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} '/proc/dfpo-cannot-write/x" in err and "cannot be written" in err and "Traceback" not in err

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfpo.options import ConfigError, apply_overrides, describe, option
+from dfpo.options import ConfigError, apply_overrides, check_writable, describe, option
 from dfpo.sft import SFTConfig, run_sft
 
 
@@ -99,7 +99,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         except ValueError as error:
             raise ConfigError(f"splits={config.splits!r}: {error}") from None
     if config.out:  # and a results file that cannot be written, rather than after the evaluation
-        _check_writable(Path(config.out))
+        check_writable(Path(config.out), "out")
     cpu.set_threads(config.threads)
     model, tokenizer = load_model(model_name)
     model.eval()
@@ -130,17 +130,6 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, out)
     return results
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse a results file whose folder cannot be created or written, naming it."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.write-test-{os.getpid()}")
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"out={str(path)!r} cannot be written ({error.strerror}); choose another file") from None
 
 
 def _run_eval_settings(config: EvalConfig, trained: dict[str, Any], given: frozenset[str]) -> EvalConfig:

@@ -12,8 +12,10 @@ command line are checked by the same rules.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 
@@ -146,3 +148,16 @@ def check_mapping_types(config: Any, mapping: dict[str, Any], prefix: str, sourc
         elif isinstance(value, (list, dict)):
             kind = "a list" if isinstance(value, list) else "a mapping"
             raise ConfigError(f"{source}: {prefix}{key} takes one {type(current).__name__} value, got {kind} {value!r}")
+
+
+def check_writable(path: Path, key: str, folder: bool = False) -> None:
+    """Refuse an output ``path`` (a ``folder``, or a file whose folder) that cannot be created or written, before
+    any work: a :class:`ConfigError` naming ``key`` and the reason."""
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{key} {str(path)!r} cannot be written ({error.strerror}); choose another {key}") from None

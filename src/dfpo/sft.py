@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dfpo.options import option
+from dfpo.options import check_writable, option
 
 if TYPE_CHECKING:  # the command's config imports light; the loop imports torch when it runs
     import torch
@@ -151,6 +151,7 @@ def run_sft(config: SFTConfig, command: str) -> dict[str, Any]:
     from dfpo.training.ranges import check_ranges
 
     check_ranges(config, SFT_RANGES)
+    check_writable(Path(config.out), "out")  # its folder: the model is written beside it, then moved in
     task = build_task(config.task, config.task_options)
     torch.manual_seed(config.seed)
     if config.model == "scratch":

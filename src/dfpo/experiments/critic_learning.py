@@ -177,7 +177,7 @@ def _split(value: str) -> list[str]:
 
 def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     from dfpo.experiments.noisy.grid import _code_version
-    from dfpo.options import flatten
+    from dfpo.options import check_writable, flatten
     from dfpo.training.config import build_config
     from dfpo.training.critic_options import BACKBONES
     from dfpo.training.trainer import Trainer
@@ -190,7 +190,7 @@ def run_critic_bench(config: CriticBenchConfig, command: str) -> dict[str, Any]:
     if config.window < 1 or config.steps <= config.window:
         raise ConfigError(f"window={config.window}: must be at least 1 and below steps={config.steps}")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "out", folder=True)
     extra = flatten(config.train)
     cells_path = out / "cells.json"
     cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dfpo.options import ConfigError, option
+from dfpo.options import ConfigError, check_writable, option
 
 TRL = "trl"
 
@@ -276,6 +276,8 @@ def run_throughput(config: ThroughputConfig, command: str) -> dict[str, Any]:
             raise ConfigError(f"{key}={getattr(config, key)}: must be at least 1")
     if config.samples < 2 and any(s.split("+")[0] in (TRL, "grpo", "dr_grpo", "rloo", "flowrl") for s in systems):
         raise ConfigError(f"samples={config.samples}: group-relative systems need samples >= 2")
+    if config.out:
+        check_writable(Path(config.out), "out")
     if TRL in systems:
         try:
             import trl  # noqa: F401

@@ -4,7 +4,6 @@ optimizers, and the prompts' length limits. Each check fails before any model lo
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,6 @@ from dfpo.training import checkpoint as ckpt
 from dfpo.training.config import TrainConfig, config_record
 from dfpo.training.control import schedule
 from dfpo.training.critic_options import CRITIC_KINDS, upgrade_keys
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse a run folder that cannot be written before any model loads, not after minutes of loading."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"run_dir {run_dir} cannot be written ({error.strerror}); choose another run_dir") from None
 
 
 def find_resume(config: TrainConfig, run_dir: Path) -> Path | None:

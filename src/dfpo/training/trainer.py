@@ -33,7 +33,7 @@ from transformers.utils import logging as transformers_logging
 from dfpo import cpu, distributed
 from dfpo.evaluate import evaluate, sampled_metrics
 from dfpo.models import load_model
-from dfpo.options import ConfigError
+from dfpo.options import ConfigError, check_writable
 from dfpo.training import checkpoint as ckpt
 from dfpo.training import phases, setup
 from dfpo.training.config import TrainConfig, config_record
@@ -67,7 +67,7 @@ class Trainer:
             raise ConfigError(str(error)) from None
         transformers_logging.disable_progress_bar()  # per-load bars would bury the training's own
         self.run_dir = c.resolved_run_dir
-        setup.check_writable(self.run_dir)
+        check_writable(self.run_dir, "run_dir", folder=True)  # before minutes of loading
         self.resume_from = setup.find_resume(c, self.run_dir)
         if self.resume_from is None and not c.resume and ckpt.holds_a_run(self.run_dir):
             raise ConfigError(

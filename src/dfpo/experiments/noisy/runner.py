@@ -27,7 +27,7 @@ from dfpo.experiments.noisy.grid import (
     variant_settings,
 )
 from dfpo.experiments.noisy.report import write_report
-from dfpo.options import ConfigError
+from dfpo.options import ConfigError, check_writable
 from dfpo.training.critic_options import upgrade_keys
 
 # -- the grid ----------------------------------------------------------------------------------------------------
@@ -180,6 +180,7 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
         return write_report(out)
     if config.workers < 1:
         raise ConfigError(f"workers={config.workers}: must be at least 1")
+    check_writable(out, "out", folder=True)
     variants, cells = _grid_cells(config, scale)
     budget = _budget(config, scale)
     threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
