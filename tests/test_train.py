@@ -312,6 +312,8 @@ def test_nan_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
             "critic.quantile.quantiles=1: a quantile critic needs at least 2",
         ),
         (["critic.width=0"], "critic.width=0: must be at least 1 (0, a bare linear head, only for scalar"),
+        (["eval.splits=eval,nope"], "eval.splits='eval,nope': task 'arithmetic' has no split 'nope'; it has train"),
+        (["task=math", "task_options.few_shot=-1"], "few_shot=-1: must be >= 0"),
     ],
 )
 def test_refused_configs_name_the_key(args, message, tmp_path, capsys):

@@ -139,7 +139,9 @@ def build_task(name: str, options: dict[str, Any]) -> Task:
     except KeyError as error:  # an unknown task: the message lists the registered ones
         raise ConfigError(f"task={name!r}: {error.args[0]}") from None
     try:
-        return make(**options)
+        task = make(**options)
+        _check_few_shot(task)
+        return task
     except (DataError, RewardFunctionError):
         raise
     except (TypeError, ValueError) as error:
@@ -148,7 +150,15 @@ def build_task(name: str, options: dict[str, Any]) -> Task:
 
 def get(name: str, **options: Any) -> Task:
     """A new instance of task ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
-    return TASKS.get(name)(**options)
+    task = TASKS.get(name)(**options)
+    _check_few_shot(task)
+    return task
+
+
+def _check_few_shot(task: Task) -> None:
+    # a negative count would slice the train split from its end: thousands of worked examples before every prompt
+    if task.few_shot < 0:
+        raise ValueError(f"few_shot={task.few_shot}: must be >= 0 (worked train examples shown before each prompt)")
 
 
 def majority_vote(task: Task, example: dict[str, Any], completions: list[str]) -> tuple[str | None, float]:

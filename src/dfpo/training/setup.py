@@ -67,6 +67,11 @@ def load_task(config: TrainConfig) -> tuple[Any, list[dict[str, Any]], Any]:
         raise ConfigError(f"task {c.task!r} with task_options {options}: {error}") from None
     if not train:
         raise ConfigError(f"task {c.task!r} has no training examples")
+    for split in [s for s in c.eval.splits.split(",") if s]:  # a split the task lacks, named before any model loads
+        try:
+            task.examples(split, 1)
+        except ValueError as error:
+            raise ConfigError(f"eval.splits={c.eval.splits!r}: {error}") from None
     try:
         noise = make_noise(c.noise, seed=c.seed)
     except ValueError as error:
