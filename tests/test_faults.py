@@ -305,14 +305,8 @@ def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys):
     assert "fix the file" in err and "Traceback" not in err
 
 
-def test_a_run_that_ends_on_skipped_steps_names_why(tmp_path, monkeypatch, capsys):
-    """Skipped steps at the end of a run (fewer than max_bad_steps) are said, with what was NaN: the last
-    checkpoint is older than the run's last step."""
-    from dfpo.training.config import build_config
-    from dfpo.training.trainer import Trainer
-
-    trainer = Trainer(build_config([*SMALL, "algo=grpo", "steps=2", "max_bad_steps=3", "checkpoint.every=1",
-                                    "eval.splits=", f"run_dir={tmp_path / 'run'}"]))  # fmt: skip
+def _nan_reward_from_step_2(trainer, monkeypatch):
+    """The first response's observed reward is NaN from training step 2 on."""
     real = type(trainer.noise).score
 
     def score(self, *args, **kwargs):
@@ -321,6 +315,17 @@ def test_a_run_that_ends_on_skipped_steps_names_why(tmp_path, monkeypatch, capsy
         return scored
 
     monkeypatch.setattr(type(trainer.noise), "score", score)
+
+
+def test_a_run_that_ends_on_skipped_steps_names_why(tmp_path, monkeypatch, capsys):
+    """Skipped steps at the end of a run (fewer than max_bad_steps) are said, with what was NaN: the last
+    checkpoint is older than the run's last step."""
+    from dfpo.training.config import build_config
+    from dfpo.training.trainer import Trainer
+
+    trainer = Trainer(build_config([*SMALL, "algo=grpo", "steps=2", "max_bad_steps=3", "checkpoint.every=1",
+                                    "eval.splits=", f"run_dir={tmp_path / 'run'}"]))  # fmt: skip
+    _nan_reward_from_step_2(trainer, monkeypatch)
     trainer.run()
     err = capsys.readouterr().err
     assert "the last 1 step(s) were skipped, the last for a NaN or inf reward for 1 of 4 responses" in err
@@ -336,14 +341,7 @@ def test_a_nan_reward_or_log_prob_is_named(source, tmp_path, monkeypatch):
                            f"run_dir={tmp_path / 'run'}"])  # fmt: skip
     trainer = Trainer(config)
     if source == "reward":
-        real = type(trainer.noise).score
-
-        def score(self, *args, **kwargs):
-            scored = real(self, *args, **kwargs)
-            scored.observed[0] = float("nan") if trainer.step >= 2 else scored.observed[0]
-            return scored
-
-        monkeypatch.setattr(type(trainer.noise), "score", score)
+        _nan_reward_from_step_2(trainer, monkeypatch)
         named = r"the last for a NaN or inf reward for 1 of 4 responses \(task 'arithmetic'.*check the reward function"
     else:
         from dfpo.training import phases
