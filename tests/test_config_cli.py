@@ -107,6 +107,7 @@ def test_dfpo_eval_reports_greedy_mean_and_majority_accuracy(tmp_path, capsys):
         (["limit=-3"], "limit=-3: must be >= 1"),
         (["task=nope"], "task='nope': unknown task 'nope'; registered: arithmetic"),
         (["splits=eval,nope"], "splits='eval,nope': task 'arithmetic' has no split 'nope'; it has train, eval"),
+        (["splits="], "splits= is empty: name at least one split"),
         (["out=/proc/dfpo-eval.json"], "out '/proc/dfpo-eval.json' cannot be written"),
         (["max_new_tokens=0"], "max_new_tokens=0: must be >= 1"),
         (["samples=2", "temperature=-1"], "temperature=-1.0: must be > 0"),

@@ -54,7 +54,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     from dfpo.evaluate import evaluate, sampled_metrics
     from dfpo.generation.rollout import context_limit
     from dfpo.models import load_model
-    from dfpo.tasks.base import build_task
+    from dfpo.tasks.base import build_task, check_splits
     from dfpo.tasks.presets import preset, task_options_for
 
     model_name, task_name, options, max_new = config.model, config.task, config.task_options, config.max_new_tokens
@@ -93,11 +93,9 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
         config = _run_eval_settings(config, trained, given)
         max_new = config.max_new_tokens
     task = build_task(task_name, task_options_for(model_name, task_name, options))
-    for split in config.splits.split(","):  # before the model loads: a split the task lacks, named
-        try:
-            task.examples(split, 1)
-        except ValueError as error:
-            raise ConfigError(f"splits={config.splits!r}: {error}") from None
+    if not any(config.splits.split(",")):
+        raise ConfigError("splits= is empty: name at least one split of the task to evaluate, e.g. splits=eval")
+    check_splits(task, config.splits, "splits")
     if config.out:  # and a results file that cannot be written, rather than after the evaluation
         check_writable(Path(config.out), "out")
     cpu.set_threads(config.threads)
@@ -107,7 +105,7 @@ def run_eval(config: EvalConfig, command: str, given: frozenset[str] = frozenset
     limit = context_limit(model, max_new)  # a prompt the context cannot hold keeps its last tokens
     if limit is not None and limit < 1:
         raise ConfigError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's context")
-    for split in config.splits.split(","):
+    for split in [s for s in config.splits.split(",") if s]:
         # the trainer's batch sizes: left padding makes batched greedy decoding depend on them, a little
         r = evaluate(model, tokenizer, task, split, config.limit, max_new, batch_size=64, max_prompt_tokens=limit)
         if r["truncated_prompts"]:

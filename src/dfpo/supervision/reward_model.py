@@ -76,7 +76,7 @@ HEAD_FILE, META_FILE = "head.safetensors", "reward_model.json"
 REBUILD = "`.venv/bin/python benchmarks/reward_model.py --out src/dfpo/supervision/reward_models/coqa-smollm2`"
 NEGATIVE_F1 = 0.5  # a candidate negative at least this close to a gold answer is not a negative
 
-_SENTENCE = re.compile(r"(?<=[.!?\"'])\s+|\n+")
+SENTENCE = re.compile(r"(?<=[.!?\"'])\s+|\n+")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOPWORDS = frozenset(
     re.findall(
@@ -97,7 +97,7 @@ def passage_window(story: str, query: str, max_chars: int = 300) -> str:
     """The sentence of ``story`` sharing the most content words with ``query`` (the first on a tie), grown with
     the following and preceding sentences while the window stays within ``max_chars`` (a lone longer sentence is
     cut to ``max_chars``)."""
-    sentences = [s.strip() for s in _SENTENCE.split(story) if s.strip()]
+    sentences = [s.strip() for s in SENTENCE.split(story) if s.strip()]
     if not sentences:
         return ""
     wanted = _content_words(query)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfpo.supervision.reward_model import _SENTENCE, NEGATIVE_F1, Head, context_text
+from dfpo.supervision.reward_model import NEGATIVE_F1, SENTENCE, Head, context_text
 from dfpo.tasks.dialogue import normalize_answer, references, token_f1
 
 _CLAUSE = re.compile(r"[,;:()\"]|\s(?:and|but|or|because|when|while|so|that|which|who|after|before|then)\s", re.I)
@@ -24,7 +24,7 @@ def _span_negative(example: dict[str, Any], rng: random.Random, window_chars: in
     answers, of a word count as close as possible to the gold answer's (ties broken at random)."""
     window = context_text(example, window_chars).split("\n", 1)[0].removeprefix("Passage: ")
     size = len(example["answer"].split())
-    clauses = {c.strip(" .!?'") for sentence in _SENTENCE.split(window) for c in _CLAUSE.split(sentence)}
+    clauses = {c.strip(" .!?'") for sentence in SENTENCE.split(window) for c in _CLAUSE.split(sentence)}
     candidates = [
         c
         for c in sorted(clauses)

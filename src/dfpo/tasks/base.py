@@ -148,6 +148,18 @@ def build_task(name: str, options: dict[str, Any]) -> Task:
         raise ConfigError(f"task_options for task {name!r}: {error}") from None
 
 
+def check_splits(task: Task, splits: str, key: str) -> None:
+    """Refuse, as a :class:`~dfpo.options.ConfigError` naming ``key``, a comma-separated split that ``task`` lacks:
+    before any model loads, rather than after training or half an evaluation."""
+    from dfpo.options import ConfigError
+
+    for split in [s for s in splits.split(",") if s]:
+        try:
+            task.examples(split, 1)
+        except ValueError as error:
+            raise ConfigError(f"{key}={splits!r}: {error}") from None
+
+
 def get(name: str, **options: Any) -> Task:
     """A new instance of task ``name``; an unknown name raises ``KeyError`` listing the registered ones."""
     task = TASKS.get(name)(**options)

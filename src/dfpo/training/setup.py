@@ -17,6 +17,7 @@ from dfpo.generation.rollout import context_limit, prompts_over
 from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.options import ConfigError, apply_overrides, flatten
 from dfpo.supervision.noise import make_noise
+from dfpo.tasks.base import check_splits
 from dfpo.tasks.presets import task_options_for
 from dfpo.tasks.user import DataError, RewardFunctionError
 from dfpo.training import checkpoint as ckpt
@@ -67,11 +68,7 @@ def load_task(config: TrainConfig) -> tuple[Any, list[dict[str, Any]], Any]:
         raise ConfigError(f"task {c.task!r} with task_options {options}: {error}") from None
     if not train:
         raise ConfigError(f"task {c.task!r} has no training examples")
-    for split in [s for s in c.eval.splits.split(",") if s]:  # a split the task lacks, named before any model loads
-        try:
-            task.examples(split, 1)
-        except ValueError as error:
-            raise ConfigError(f"eval.splits={c.eval.splits!r}: {error}") from None
+    check_splits(task, c.eval.splits, "eval.splits")
     try:
         noise = make_noise(c.noise, seed=c.seed)
     except ValueError as error:
