@@ -213,6 +213,24 @@ def test_stability_of_a_heldout_curve():
     assert math.isnan(stability([])["largest_drop"])
 
 
+def test_the_critic_table_shows_each_training_domain_apart():
+    from dfpo.experiments.noisy.report import _critic_section
+
+    def row(domain, ev, probe):
+        return {"variant": "ppo", "noise": "clean", "domain": domain, "critic_mc_explained_var": ev,
+                "critic_explained_var": ev, "probe_r2": probe, "prompt_share": 0.5,
+                "explained_var_ceiling": 1.0}  # fmt: skip
+
+    lines = _critic_section([row("add", 0.4, 0.5), row("sub", 0.0, 0.1)], ["ppo"], ["clean"])
+    text = "\n".join(lines)
+    both, add, sub = (text.index(h) for h in ("All domains:", "Trained on add:", "Trained on sub:"))
+    assert "| ppo | 0.200 / 0.300 / 0.500 / 1.000 |" in text[both:add]
+    assert "| ppo | 0.400 / 0.500 / 0.500 / 1.000 |" in text[add:sub]
+    assert "| ppo | 0.000 / 0.100 / 0.500 / 1.000 |" in text[sub:]
+    single = "\n".join(_critic_section([row("add", 0.4, 0.5)], ["ppo"], ["clean"]))
+    assert "Trained on" not in single and "| ppo | 0.400 / 0.500 / 0.500 / 1.000 |" in single
+
+
 def test_tuning_picks_the_rate_with_the_best_final_true_reward(tmp_path):
     specs = []
     for lr, reward in [("1e-5", 0.4), ("3e-5", 0.6), ("1e-4", 0.1)]:

@@ -316,18 +316,26 @@ def _critic_section(rows: list[dict[str, Any]], variants: list[str], noises: lis
                 "column there is how much of it the true score explains (how closely the reward model tracks it), "
                 "not a bound.", ""]
                if "reward_model" in noises else []),
-             "| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]  # fmt: skip
-    for variant in with_critic:
-        shown = []
-        for noise in noises:
-            group = [r for r in rows if r["variant"] == variant and r["noise"] == noise]
-            ev = _nan_mean(group, "critic_mc_explained_var")
-            if math.isnan(ev):  # cells that did not record the fit: against the critic's own targets
-                ev = _nan_mean(group, "critic_explained_var")
-            means = [ev, *(_nan_mean(group, k) for k in ("probe_r2", "prompt_share", "explained_var_ceiling"))]
-            shown.append(" / ".join("-" if math.isnan(m) else fixed(m, 3) for m in means) if group else "-")
-        lines.append(f"| {variant} | " + " | ".join(shown) + " |")
-    return [*lines, ""]
+             ]  # fmt: skip
+    domains = sorted({r["domain"] for r in rows})
+    # one table per training domain: a domain whose prompts say more about their value must not hide another's
+    for domain in [None, *domains] if len(domains) > 1 else [None]:
+        mine = rows if domain is None else [r for r in rows if r["domain"] == domain]
+        if len(domains) > 1:
+            lines += ["All domains:" if domain is None else f"Trained on {domain}:", ""]
+        lines += ["| variant | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
+        for variant in with_critic:
+            shown = []
+            for noise in noises:
+                group = [r for r in mine if r["variant"] == variant and r["noise"] == noise]
+                ev = _nan_mean(group, "critic_mc_explained_var")
+                if math.isnan(ev):  # cells that did not record the fit: against the critic's own targets
+                    ev = _nan_mean(group, "critic_explained_var")
+                means = [ev, *(_nan_mean(group, k) for k in ("probe_r2", "prompt_share", "explained_var_ceiling"))]
+                shown.append(" / ".join("-" if math.isnan(m) else fixed(m, 3) for m in means) if group else "-")
+            lines.append(f"| {variant} | " + " | ".join(shown) + " |")
+        lines.append("")
+    return lines
 
 
 def _nan_mean(rows: list[dict[str, Any]], key: str) -> float:
