@@ -437,8 +437,9 @@ def test_train_on_user_data_and_reward_function(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("algo", "backbone"),
-    [("ppo", "frozen"), ("dfpo", "frozen"), ("dvpo", "frozen"), ("ppo", "separate"), ("dfpo", "shared")],
-)
+    [("ppo", "frozen"), ("dfpo", "frozen"), ("dvpo", "frozen"), ("ppo", "separate"), ("dfpo", "shared"),
+     ("dfpo", "separate-top2")],
+)  # fmt: skip
 def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path, monkeypatch):
     """critic.updates=k takes k - 1 more critic steps on the step's batch alone (from the saved features, or
     through a separate critic trunk, a micro-batch at a time): the critic's loss on that batch falls, the actor and
@@ -446,8 +447,10 @@ def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path, monkeyp
     step stays finite."""
     from dfpo.generation.rollout import trunk_hidden
 
-    base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL, f"critic.backbone={backbone}"]
-    extra = ["actor.micro_batch=4"] if backbone == "separate" else []
+    separate = backbone.startswith("separate")  # separate-top2: only the trunk's top 2 layers train
+    base = [f"algo={algo}", "steps=2", "eval.splits=", *SMALL, f"critic.backbone={backbone.split('-')[0]}"]
+    extra = ["actor.micro_batch=4"] if separate else []
+    extra += ["critic.trunk_layers=2"] if backbone == "separate-top2" else []
     trainer = Trainer(build_config([*base, f"run_dir={tmp_path / 'a'}", "critic.updates=6", *extra]))
     trainer.step = 1
     captured = {}
@@ -466,16 +469,20 @@ def test_extra_critic_steps_fit_the_step_batch(algo, backbone, tmp_path, monkeyp
     def spy(t, exp, steps, key):
         before = batch_loss(exp)
         policy = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        lower = {k: v.clone() for k, v in getattr(trainer.trunk, "lower_part", torch.nn.Module()).state_dict().items()}
         out = original(t, exp, steps, key)
         after = batch_loss(exp)
-        captured.update(before=before, after=after, steps=steps, micro=exp.micro)
+        captured.update(before=before, after=after, steps=steps, micro=exp.micro, states=exp.critic_states)
         assert all(torch.equal(v, trainer.policy.state_dict()[k]) for k, v in policy.items())
+        assert all(torch.equal(v, trainer.trunk.lower_part.state_dict()[k]) for k, v in lower.items())
         return out
 
     monkeypatch.setattr(updates, "critic_steps", spy)
     metrics = trainer.train_step()
     assert captured["steps"] == 5 and captured["after"] < captured["before"]
-    assert captured["micro"] == (4 if backbone == "separate" else 0)
+    assert captured["micro"] == (4 if separate else 0)
+    # a split trunk's lower layers ran once, while scoring: their states [N, L, H] serve every critic pass
+    assert (captured["states"] is not None) == (backbone == "separate-top2")
     assert "critic/extra_steps_explained_var" in metrics and torch.isfinite(
         torch.tensor(metrics["critic/extra_steps_loss"])
     )

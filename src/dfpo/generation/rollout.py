@@ -371,7 +371,14 @@ def prompt_features(model: Any, input_ids: Tensor, attention_mask: Tensor, promp
     return (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def trunk_hidden(trunk: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+def trunk_hidden(
+    trunk: Any, input_ids: Tensor, attention_mask: Tensor, response_length: int, states: Tensor | None = None
+) -> Tensor:
     """``[N, R, H]`` hidden states of a bare transformer trunk (a separate critic backbone) at the states before
-    each of the last ``response_length`` tokens: the same positions as :func:`response_forward`."""
+    each of the last ``response_length`` tokens: the same positions as :func:`response_forward`. A trunk split
+    into frozen and trained layers (:class:`~dfpo.generation.trunk.SplitTrunk`) runs its top layers on ``states``
+    ``[N, T, H]``, its lower layers' output saved while scoring (computed here when not given)."""
+    if hasattr(trunk, "lower"):
+        states = trunk.lower(input_ids, attention_mask) if states is None else states
+        return trunk(states, attention_mask)[:, -(response_length + 1) : -1]
     return _tail_forward(trunk, input_ids, attention_mask, response_length, True)[1][:, :-1]

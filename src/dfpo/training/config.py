@@ -325,6 +325,17 @@ def _check_devices(c: TrainConfig) -> None:
             f"critic.lora_rank={c.critic.lora_rank} puts adapters on a separate critic trunk: set "
             "critic.backbone=separate (a shared trunk is the policy's: use actor.lora_rank)"
         )
+    if c.critic.trunk_layers and not (c.critic.kind != "none" and c.critic.backbone == "separate"):
+        raise ConfigError(
+            f"critic.trunk_layers={c.critic.trunk_layers} trains the top layers of a separate critic trunk: set "
+            "critic.backbone=separate"
+        )
+    if c.critic.trunk_layers and (c.critic.lora_rank or c.parallel == "fsdp"):
+        raise ConfigError(
+            f"critic.trunk_layers={c.critic.trunk_layers} with "
+            f"{'critic.lora_rank' if c.critic.lora_rank else 'parallel=fsdp'} is not supported: choose one way to "
+            "make the critic trunk cheaper (trunk_layers with parallel=ddp or none, or LoRA)"
+        )
     if c.resume not in ("", "auto") and not Path(c.resume).is_dir():
         raise ConfigError(f"resume={c.resume!r}: use 'auto' (run_dir's latest checkpoint) or a checkpoint folder")
 

@@ -143,19 +143,20 @@ def score(t: Trainer, sampled: Sampled, rewarded: Rewarded) -> Scored:
     if t.fused and (not micro or micro >= len(ids)):
         t.policy.train()
         policy = updates.policy_forward(t, ids, attn, width, t.policy_needs_grad())
-    logp, ref, hidden, critic, inputs = _score_rows(t, ids, attn, width, rollout.prompt_length, policy)
+    logp, ref, hidden, critic, inputs, states = _score_rows(t, ids, attn, width, rollout.prompt_length, policy)
     return Scored(width=width, micro=micro, old_logp=logp, ref_logp=ref, critic=critic, critic_hidden=hidden,
-                  inputs=inputs, policy=policy)  # fmt: skip
+                  inputs=inputs, policy=policy, critic_states=states)  # fmt: skip
 
 
 @torch.no_grad()
 def _score_rows(
     t: Trainer, ids: Tensor, attn: Tensor, width: int, prompt_length: int, policy: PolicyOutput | None
-) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor], dict[str, Tensor], Tensor | None]:
     """:func:`score`'s forwards, ``rollout.batch_size`` rows at a time: old and reference log-probs, critic
-    features and outputs, objective inputs."""
+    features and outputs, objective inputs, and the frozen lower layers' states of a split critic trunk."""
     c = t.config
-    logps, refs, features = [], [], []
+    split = t.trunk is not None and hasattr(t.trunk, "lower")
+    logps, refs, features, states = [], [], [], []
     critic: dict[str, list[Tensor]] = {}
     inputs: dict[str, list[Tensor]] = {}
     for rows in torch.arange(ids.shape[0]).split(c.rollout.batch_size):
@@ -168,8 +169,10 @@ def _score_rows(
                 hidden = None if policy.hidden is None else policy.hidden[rows].detach()
             if t.ref is not None:
                 refs.append(response_forward(t.ref, i, a, width, c.rollout.temperature)[0])
+            if split:
+                states.append(t.trunk.lower(i, a))
             if t.trunk is not None:
-                hidden = trunk_hidden(t.trunk, i, a, width)
+                hidden = trunk_hidden(t.trunk, i, a, width, states[-1] if split else None)
             for key, value in t.objective.score_inputs(t.policy, i, a, prompt_length).items():
                 inputs.setdefault(key, []).append(value)
         logps.append(logp)
@@ -180,7 +183,8 @@ def _score_rows(
                 features.append(hidden.detach().float())
     cat = torch.cat
     return (cat(logps), cat(refs) if refs else None, cat(features) if features else None,
-            {k: cat(v) for k, v in critic.items()}, {k: cat(v) for k, v in inputs.items()})  # fmt: skip
+            {k: cat(v) for k, v in critic.items()}, {k: cat(v) for k, v in inputs.items()},
+            cat(states) if states else None)  # fmt: skip
 
 
 def advantages(t: Trainer, sampled: Sampled, rewarded: Rewarded, scored: Scored) -> Estimated:

@@ -21,7 +21,7 @@ RANGES: dict[str, str] = {
     "actor.lora_rank": ">=0", "actor.lora_alpha": ">=0",
     "critic.lr": ">0", "critic.trunk_lr": ">=0", "critic.warmup_steps": ">=0", "critic.coef": ">=0",
     "critic.updates": ">=0", "critic.grad_clip": ">=0", "critic.width": ">=0", "critic.lora_rank": ">=0",
-    "critic.lora_alpha": ">=0",
+    "critic.lora_alpha": ">=0", "critic.trunk_layers": ">=0",
     "critic.scalar.value_clip": ">=0",
     "critic.ensemble.heads": ">=1", "critic.ensemble.value_clip": ">=0", "critic.ensemble.pessimism": "[0,1]",
     "critic.ensemble.bootstrap": "[0,1]",

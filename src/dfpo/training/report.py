@@ -167,7 +167,7 @@ def _plot(path: Path, metrics: list[dict[str, Any]], evals: dict[str, Any]) -> N
     ev = [(m["step"], m["critic/explained_var"]) for m in metrics if "critic/explained_var" in m]
     if ev:
         ax.plot([s for s, _ in ev], [v for _, v in ev])
-        ax.set_ylim(max(-1.0, min(v for _, v in ev)), 1.0)
+        ax.set_ylim(min(0.0, max(-1.0, min(v for _, v in ev))), 1.0)  # 0 to 1 at least: never an empty range
     ax.set_title("critic explained variance" if ev else "critic explained variance (no critic)")
     ax = axes[1, 1]
     ax.plot(steps, [m["response_length/mean"] for m in metrics])

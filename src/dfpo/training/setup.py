@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dfpo import critics, distributed
 from dfpo.generation.rollout import context_limit, prompts_over
+from dfpo.generation.trunk import split_trunk
 from dfpo.models import add_lora, load_adapters, load_model
 from dfpo.options import ConfigError, apply_overrides, flatten
 from dfpo.supervision.noise import make_noise
@@ -125,10 +126,15 @@ def build_critic(config: TrainConfig, hidden_size: int, reward_range: tuple[floa
 
 def build_critic_trunk(config: TrainConfig) -> nn.Module:
     """A separate critic's own copy of the starting policy's trunk (with LoRA adapters under
-    ``critic.lora_rank``)."""
+    ``critic.lora_rank``, or only its top ``critic.trunk_layers`` layers trainable)."""
     trunk = load_model(config.model)[0].base_model
     if config.critic.lora_rank:
         trunk = add_lora(trunk, config.critic.lora_rank, config.critic.lora_alpha, causal=False)
+    if config.critic.trunk_layers:
+        try:
+            trunk = split_trunk(trunk, config.critic.trunk_layers)
+        except ValueError as error:
+            raise ConfigError(f"critic.trunk_layers={config.critic.trunk_layers}: {error}") from None
     return trunk
 
 

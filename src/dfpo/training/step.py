@@ -86,6 +86,8 @@ class Scored:
             policy's features and for observers; else None.
         inputs: the actor objective's per-sequence inputs (FlowRL: ``prompt_features [N, H]``).
         policy: the fused path's policy forward, or None.
+        critic_states: ``[N, L, H]`` the frozen lower layers' output of a critic trunk that trains only its top
+            layers (``critic.trunk_layers``), computed once here for every critic pass of the step; else None.
     """
 
     width: int
@@ -96,6 +98,7 @@ class Scored:
     critic_hidden: Tensor | None
     inputs: dict[str, Tensor]
     policy: PolicyOutput | None = None
+    critic_states: Tensor | None = None
 
 
 @dataclass(kw_only=True)

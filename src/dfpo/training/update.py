@@ -152,7 +152,7 @@ def losses(
     if t.critic is not None:
         if t.trunk is not None:
             with t.precision():
-                hidden = trunk_hidden(t.trunk, ids, attn, exp.width)
+                hidden = trunk_hidden(t.trunk, ids, attn, exp.width, _rows(exp.critic_states, part))
         elif c.critic.backbone == "frozen":
             hidden = hidden.detach()
         # an ensemble member's mean is over its tokens in the whole minibatch, in units of this part's share
@@ -187,7 +187,8 @@ def critic_steps(t: Trainer, exp: Experience, steps: int, key: int) -> dict[str,
                 hidden = exp.critic_hidden[part]
             else:
                 with t.precision():
-                    hidden = trunk_hidden(t.trunk, exp.ids[part], exp.attn[part], exp.width).float()
+                    states = _rows(exp.critic_states, part)
+                    hidden = trunk_hidden(t.trunk, exp.ids[part], exp.attn[part], exp.width, states).float()
             member_tokens = None if sizes.member_tokens is None else sizes.member_tokens * frac
             loss, record = critic_loss(t, hidden, exp, part, mask, key, member_tokens)
             (loss * frac).backward()
@@ -202,6 +203,10 @@ def critic_steps(t: Trainer, exp: Experience, steps: int, key: int) -> dict[str,
         "critic/extra_steps_loss": record.get("critic/loss", record.get("critic/vf_loss", float("nan"))),
         "critic/extra_steps_explained_var": record.get("critic/explained_var", float("nan")),
     }, t.world)  # fmt: skip
+
+
+def _rows(tensor: Tensor | None, part: Tensor) -> Tensor | None:
+    return None if tensor is None else tensor[part]
 
 
 def critic_loss(
