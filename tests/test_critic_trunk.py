@@ -23,23 +23,31 @@ RUN = [
 ]  # fmt: skip
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 rows of 20 tokens, the last 8 a response; ``shared``: two prompts of 12 tokens, two responses each (as a
+    rollout has them: the prompt then runs once)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 40, (4, 20), generator=generator)
     attn = torch.ones_like(ids)
     attn[1, :6], attn[3, :2] = 0, 0  # left padding, as rollouts have
+    if shared:
+        ids[1, :12], attn[1, :12] = ids[0, :12], attn[0, :12]
+        ids[3, :12], attn[3, :12] = ids[2, :12], attn[2, :12]
     return ids, attn
 
 
-@pytest.mark.parametrize("layers", [1, 2, 4])
-def test_the_split_trunk_gives_the_whole_trunks_features(layers):
-    ids, attn = _batch()
+@pytest.mark.parametrize(("layers", "shared"), [(1, False), (2, False), (4, False), (1, True), (3, True)])
+def test_the_split_trunk_gives_the_whole_trunks_features(layers, shared):
+    from dfpo.generation import rollout
+
+    ids, attn = _batch(shared)
+    assert (rollout._shared_prefixes(ids, attn, 11) is not None) == shared
     whole = load_model("tiny")[0].base_model
     split = split_trunk(load_model("tiny")[0].base_model, layers)
     with torch.no_grad():
         expected = trunk_hidden(whole, ids, attn, 8)
         assert torch.allclose(trunk_hidden(split, ids, attn, 8), expected, atol=1e-5)
-        states = split.lower(ids, attn)  # [N, L, H], what scoring keeps for the step's critic passes
+        states = split.lower(ids, attn, 8)  # [N, L, H], what scoring keeps for the step's critic passes
         assert states.shape == (4, 20, whole.config.hidden_size)
         assert torch.allclose(trunk_hidden(split, ids, attn, 8, states), expected, atol=1e-5)
     trained = {n for n, p in split.named_parameters() if p.requires_grad}

@@ -379,6 +379,6 @@ def trunk_hidden(
     into frozen and trained layers (:class:`~dfpo.generation.trunk.SplitTrunk`) runs its top layers on ``states``
     ``[N, T, H]``, its lower layers' output saved while scoring (computed here when not given)."""
     if hasattr(trunk, "lower"):
-        states = trunk.lower(input_ids, attention_mask) if states is None else states
-        return trunk(states, attention_mask)[:, -(response_length + 1) : -1]
+        states = trunk.lower(input_ids, attention_mask, response_length) if states is None else states
+        return trunk(states, input_ids, attention_mask, response_length)[:, :-1]
     return _tail_forward(trunk, input_ids, attention_mask, response_length, True)[1][:, :-1]

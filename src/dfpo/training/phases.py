@@ -170,7 +170,7 @@ def _score_rows(
             if t.ref is not None:
                 refs.append(response_forward(t.ref, i, a, width, c.rollout.temperature)[0])
             if split:
-                states.append(t.trunk.lower(i, a))
+                states.append(t.trunk.lower(i, a, width))
             if t.trunk is not None:
                 hidden = trunk_hidden(t.trunk, i, a, width, states[-1] if split else None)
             for key, value in t.objective.score_inputs(t.policy, i, a, prompt_length).items():
