@@ -3,6 +3,8 @@ TRL's GRPOTrainer side by side (each system in its own process, interleaved over
 
 import json
 
+import pytest
+
 from dfpo.cli import main
 from dfpo.experiments.throughput import matmul_peak
 
@@ -52,16 +54,19 @@ def test_throughput_systems_carry_their_own_settings(tmp_path):
 def test_update_passes_count_what_each_step_runs():
     """Forward-equivalents of the update: the policy's forward and backward (3) plus its recomputation under
     activation checkpointing; a critic-only step runs the policy forward for a frozen head's features only, or
-    its forward and backward on a shared trunk; a separate trunk adds 3 per critic step."""
+    its forward and backward on a shared trunk; a separate trunk adds 3 per critic step (its top layers' share
+    of them when only those train)."""
     from types import SimpleNamespace
 
     from dfpo.experiments.throughput import _update_passes
 
-    def trainer(backbone, updates=1, fused=False, checkpoint=0):
+    def trainer(backbone, updates=1, fused=False, checkpoint=0, top=0):
         config = SimpleNamespace(actor=SimpleNamespace(epochs=1, checkpoint_prompts=checkpoint),
                                  critic=SimpleNamespace(backbone=backbone))  # fmt: skip
-        return SimpleNamespace(config=config, critic=object(), fused=fused, critic_updates=updates,
-                               trunk=object() if backbone == "separate" else None,
+        trunk = object() if backbone == "separate" else None
+        if top:  # a 30-layer trunk that trains its top `top` layers
+            trunk = SimpleNamespace(cut=30 - top, upper=SimpleNamespace(layers=[None] * top))
+        return SimpleNamespace(config=config, critic=object(), fused=fused, critic_updates=updates, trunk=trunk,
                                critic_on_policy=backbone != "separate")  # fmt: skip
 
     assert _update_passes(trainer("frozen"), True) == 3
@@ -71,6 +76,7 @@ def test_update_passes_count_what_each_step_runs():
     assert _update_passes(trainer("shared"), False) == 3
     assert _update_passes(trainer("separate", updates=16), True) == 3 + 3 * 16
     assert _update_passes(trainer("separate", updates=16), False) == 3 * 16
+    assert _update_passes(trainer("separate", updates=16, top=6), True) == pytest.approx(3 + 3 * 16 * 6 / 30)
 
 
 def test_throughput_refuses_unknown_systems_and_bad_sizes(capsys):

@@ -137,12 +137,12 @@ def _dfpo_run(config: ThroughputConfig, algo: str) -> dict[str, Any]:
     }
 
 
-def _update_passes(trainer: Any, actor_active: bool) -> int:
+def _update_passes(trainer: Any, actor_active: bool) -> float:
     """Forward-equivalents of the update phase: 3 per trained model and epoch (a backward costs two forwards),
     less the policy's forward when it already ran while scoring, plus its recomputation per epoch under
     activation checkpointing; a step that trains the critic alone (``critic.warmup_steps``) runs the policy
     forward only for a frozen backbone's features; a separate critic trunk's extra steps (``critic.updates``) run
-    its forward and backward again."""
+    its forward and backward again, only its top layers' share of the model under ``critic.trunk_layers``."""
     c = trainer.config
     epochs = c.actor.epochs
     backward = actor_active or (trainer.critic is not None and c.critic.backbone == "shared")
@@ -151,7 +151,9 @@ def _update_passes(trainer: Any, actor_active: bool) -> int:
         passes = (3 if backward else 1) * epochs - (1 if trainer.fused else 0)
         passes += epochs if backward and c.actor.checkpoint_prompts else 0
     if trainer.trunk is not None:
-        passes += 3 * (epochs + trainer.critic_updates - 1)
+        split = getattr(trainer.trunk, "upper", None)  # a trunk that trains its top layers only
+        share = len(split.layers) / (trainer.trunk.cut + len(split.layers)) if split is not None else 1.0
+        passes += 3 * (epochs + trainer.critic_updates - 1) * share
     return passes
 
 
