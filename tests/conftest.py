@@ -7,6 +7,18 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
+def straight_and_resumed(settings: list[str], steps: int, tmp_path) -> tuple:
+    """Run folders of ``dfpo train`` for ``steps`` steps straight, and for 1 step then resumed to ``steps``
+    (``settings`` must checkpoint every step)."""
+    from dfpo.cli import main
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *settings, f"steps={steps}", f"run_dir={straight}"]) == 0
+    assert main(["train", *settings, "steps=1", f"run_dir={resumed}"]) == 0
+    assert main(["train", *settings, f"steps={steps}", f"run_dir={resumed}", "resume=auto"]) == 0
+    return straight, resumed
+
+
 def right_padded_mask(lengths: list[int], max_len: int) -> torch.Tensor:
     """``[B, T]`` float mask with ``lengths[i]`` leading ones per row."""
     return (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).float()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import straight_and_resumed
 from safetensors.torch import load_file
 
 from dfpo.cli import main
@@ -104,10 +105,7 @@ def _modules(run_dir, step):
 
 
 def test_only_the_top_layers_learn_and_resume_is_exact(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train", *RUN, "steps=3", f"run_dir={straight}"]) == 0
-    assert main(["train", *RUN, "steps=1", f"run_dir={resumed}"]) == 0
-    assert main(["train", *RUN, "steps=3", f"run_dir={resumed}", "resume=auto"]) == 0
+    straight, resumed = straight_and_resumed(RUN, 3, tmp_path)
     a, b = _modules(straight, 3), _modules(resumed, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_model("tiny")[0].base_model.state_dict()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import straight_and_resumed
 from safetensors.torch import load_file
 
-from dfpo.cli import main
 from dfpo.models import load_model
 from dfpo.options import ConfigError
 from dfpo.training.config import build_config
@@ -27,10 +27,7 @@ def _adapters(run_dir, step):
 
 
 def test_lora_trains_the_adapters_only_and_resumes_exactly(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train", *LORA, "steps=2", f"run_dir={straight}"]) == 0
-    assert main(["train", *LORA, "steps=1", f"run_dir={resumed}"]) == 0
-    assert main(["train", *LORA, "steps=2", f"run_dir={resumed}", "resume=auto"]) == 0
+    straight, resumed = straight_and_resumed(LORA, 2, tmp_path)
     a, b = _adapters(straight, 2), _adapters(resumed, 2)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
