@@ -8,7 +8,8 @@ lower layers are frozen; their states are kept for the step's sequences, ``[N, T
 
 The split works for decoder stacks whose base model takes ``inputs_embeds`` as the first layer's input unchanged
 (Llama, SmolLM2, Qwen2, Mistral); :func:`split_trunk` checks that the two halves give the whole model's states and
-refuses a model whose forward changes them (one that scales its embeddings, say)."""
+refuses a model whose forward changes them before its first layer (one that rescales the embedding module's
+output inside the forward, say)."""
 
 from __future__ import annotations
 

@@ -160,13 +160,13 @@ class CriticOptions:
         "return is that reward alone (kl.mode loss or none); user tasks declare none",
     )
     lora_rank: int = option(0, "r > 0: LoRA adapters of rank r on a separate critic trunk instead of all its weights")
+    lora_alpha: float = option(0.0, "LoRA scaling alpha of the critic trunk (0: twice the rank)")
     trunk_layers: int = option(
         0,
         "n > 0: a separate critic trunk trains only its top n layers; the layers below (and the embeddings) stay "
         "the starting model's and run once per step, so every extra critic step runs n layers, not the whole model "
         "(0: every layer trains)",
     )
-    lora_alpha: float = option(0.0, "LoRA scaling alpha of the critic trunk (0: twice the rank)")
     scalar: ScalarOptions = option(ScalarOptions(), "critic.kind=scalar (PPO)")
     ensemble: EnsembleOptions = option(EnsembleOptions(), "critic.kind=ensemble (robust PPO)")
     quantile: QuantileOptions = option(QuantileOptions(), "critic.kind=quantile (DVPO)")
