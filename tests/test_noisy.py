@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,33 @@ def test_the_report_of_real_smollm2_cells_explains_their_settings_and_the_reward
     assert ("dialogue `actor.micro_batch=4`" in summary) == dialogue
     assert ("Under `reward_model` the observed reward is a learned reward model's score" in summary) == dialogue
     assert "## Critic explained variance" in summary
+
+
+def test_each_out_of_domain_side_is_averaged_apart_when_there_are_several(tmp_path):
+    # SmolLM2 math is evaluated on out-of-domain arithmetic and on science: science cannot move at this scale, so
+    # the OOD average alone would flatten what arithmetic shows
+    out = tmp_path / "grid"
+    shutil.copytree(RESULTS / "2026-11-22-noisy-smollm2", out, ignore=shutil.ignore_patterns("*.png", "*.csv", "*.md"))
+    arith = {"base": 0.10, "dfpo": 0.40, "ppo": 0.20}
+    for path in (out / "cells").glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["domain"] == "science" or record["variant"] == "grpo":
+            path.unlink()
+            continue
+        for name in ("sub-mixed", "add3-1digit", "mul-mixed"):
+            record["benchmarks"][name] = {"domain": "arith", "accuracy": arith[record["variant"]], "n": 100}
+        path.write_text(json.dumps(record))
+    assert main(["bench", "noisy", f"out={out}", "report_only=true"]) == 0
+    summary = (out / "summary.md").read_text()
+    table = summary[summary.index("## Trained on math") :]
+    assert "| ID AVG | arith AVG | science AVG | OOD AVG | ALL AVG |" in table
+    assert re.search(r"\| starting model \| - \|( [\d.]+ \|){10} 10\.0 \| 24\.2 \|", table)
+    paired_table = summary[summary.index("## DFPO against each variant") :]
+    assert "| variant | pairs | ID AVG | arith AVG | science AVG | OOD AVG | ALL AVG |" in paired_table
+    # DFPO's arithmetic is 20 points above PPO's on every seed; science is the same for both
+    assert re.search(r"\| ppo \| 3 \| [^|]+ \| 20\.0 ± 0\.0 \| 0\.0 ± 0\.0 \|", paired_table)
+    rows = list(csv.DictReader((out / "cells.csv").open()))
+    assert {round(float(r["arith AVG"]), 6) for r in rows} == {0.4, 0.2}
 
 
 @pytest.mark.parametrize("scale", ["tiny", "smollm2"])

@@ -380,16 +380,24 @@ def _grid_cells(config: NoisyConfig, scale: Scale) -> tuple[list[str], list[Cell
 
 def _averages(record: dict[str, Any], domain: str, scale: Scale) -> dict[str, float]:
     """ID, OOD and ALL averages of a cell's benchmark accuracies: ID the benchmarks of ``domain``, OOD those of
-    the other domains it is evaluated on."""
+    the other domains it is evaluated on, and where there are several of those, each one's average apart
+    (``"<domain> AVG"``, see :func:`ood_columns`): one that cannot move would otherwise flatten the others."""
     peers = scale.peers(domain)
     scores = {n: r["accuracy"] for n, r in record["benchmarks"].items() if r["domain"] in peers}
-    in_domain = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] == domain]
-    out_domain = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] != domain]
 
-    def avg(values: list[float]) -> float:
+    def avg(domains: tuple[str, ...]) -> float:
+        values = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] in domains]
         return sum(values) / len(values) if values else float("nan")
 
-    return {"ID AVG": avg(in_domain), "OOD AVG": avg(out_domain), "ALL AVG": avg(list(scores.values()))}
+    apart = {c: avg((c.removesuffix(" AVG"),)) for c in ood_columns(scale, domain)}
+    return {"ID AVG": avg((domain,)), **apart, "OOD AVG": avg(peers[1:]), "ALL AVG": avg(peers)}
+
+
+def ood_columns(scale: Scale, domain: str) -> list[str]:
+    """The per-domain out-of-domain average columns of cells trained on ``domain``: one per other domain they are
+    evaluated on, when there are at least two (with one, it is the OOD average)."""
+    others = [d for d in scale.peers(domain) if d != domain]
+    return [f"{d} AVG" for d in others] if len(others) > 1 else []
 
 
 def _ordered(values: list[str], order: list[str]) -> list[str]:

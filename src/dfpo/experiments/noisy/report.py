@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dfpo.experiments.noisy.cell import _final_true_reward, stability
-from dfpo.experiments.noisy.grid import ABLATIONS, MAIN_ALGOS, SCALES, Scale, _averages, _ordered
+from dfpo.experiments.noisy.grid import ABLATIONS, MAIN_ALGOS, SCALES, Scale, _averages, _ordered, ood_columns
 from dfpo.experiments.noisy.plots import _plot_accuracy, _plot_curves
 from dfpo.experiments.stats import fixed, mean_interval, paired
 
@@ -162,7 +162,7 @@ def _summary(
             if not group:
                 continue
             evaluated = [b.name for d in scale.peers(domain) for b in scale.domains[d].benchmarks]
-            columns = [*evaluated, "ID AVG", "OOD AVG", "ALL AVG"]
+            columns = [*evaluated, "ID AVG", *ood_columns(scale, domain), "OOD AVG", "ALL AVG"]
             lines += [f"## Trained on {domain}, supervision {noise}", "",
                       "| variant | seeds | " + " | ".join(columns) + " | final true reward |",
                       "|---|---|" + "---|" * (len(columns) + 1)]  # fmt: skip
@@ -253,14 +253,19 @@ def _stability_section(
 def _paired_section(rows: list[dict[str, Any]], variants: list[str]) -> list[str]:
     if "dfpo" not in variants:
         return []
+    # per-domain out-of-domain averages, where a training domain is evaluated on several others ('-' for pairs
+    # trained elsewhere)
+    fixed_columns = ("ID AVG", "OOD AVG", "ALL AVG")
+    apart = list(dict.fromkeys(k for r in rows for k in r if k.endswith(" AVG") and k not in fixed_columns))
+    columns = ["ID AVG", *apart, "OOD AVG", "ALL AVG"]
     lines = [
         "## DFPO against each variant, paired by domain, supervision and seed",
         "",
         "Difference DFPO - variant in points (mean ± 95% interval over the pairs), and the pairs DFPO won / "
         "tied (within 0.5 points) / lost.",
         "",
-        "| variant | pairs | ID AVG | OOD AVG | ALL AVG | ALL AVG won / tied / lost |",
-        "|---|---|---|---|---|---|",
+        "| variant | pairs | " + " | ".join(columns) + " | ALL AVG won / tied / lost |",
+        "|---|---|" + "---|" * (len(columns) + 1),
     ]
     key = lambda r: (r["domain"], r["noise"], r["seed"])  # noqa: E731
     dfpo = {key(r): r for r in rows if r["variant"] == "dfpo"}
@@ -271,8 +276,9 @@ def _paired_section(rows: list[dict[str, Any]], variants: list[str]) -> list[str
         if not pairs:
             continue
         shown = []
-        for column in ("ID AVG", "OOD AVG", "ALL AVG"):
-            usable = [(a[column], b[column]) for a, b in pairs if not (math.isnan(a[column]) or math.isnan(b[column]))]
+        for column in columns:
+            usable = [(a[column], b[column]) for a, b in pairs
+                      if not (math.isnan(a.get(column, math.nan)) or math.isnan(b.get(column, math.nan)))]  # fmt: skip
             result = paired([a for a, _ in usable], [b for _, b in usable], tie=0.005)
             shown.append(result.difference.show() if usable else "-")
         overall = paired([a["ALL AVG"] for a, _ in pairs], [b["ALL AVG"] for _, b in pairs], tie=0.005)
