@@ -389,15 +389,15 @@ def _averages(record: dict[str, Any], domain: str, scale: Scale) -> dict[str, fl
         values = [v for n, v in scores.items() if record["benchmarks"][n]["domain"] in domains]
         return sum(values) / len(values) if values else float("nan")
 
-    apart = {c: avg((c.removesuffix(" AVG"),)) for c in ood_columns(scale, domain)}
+    apart = {column: avg((other,)) for column, other in ood_columns(scale, domain).items()}
     return {"ID AVG": avg((domain,)), **apart, "OOD AVG": avg(peers[1:]), "ALL AVG": avg(peers)}
 
 
-def ood_columns(scale: Scale, domain: str) -> list[str]:
-    """The per-domain out-of-domain average columns of cells trained on ``domain``: one per other domain they are
-    evaluated on, when there are at least two (with one, it is the OOD average)."""
-    others = [d for d in scale.peers(domain) if d != domain]
-    return [f"{d} AVG" for d in others] if len(others) > 1 else []
+def ood_columns(scale: Scale, domain: str) -> dict[str, str]:
+    """The per-domain out-of-domain average columns of cells trained on ``domain``, each with its domain: one per
+    other domain they are evaluated on, when there are at least two (with one, it is the OOD average)."""
+    others = scale.peers(domain)[1:]
+    return {f"{d} AVG": d for d in others} if len(others) > 1 else {}
 
 
 def _ordered(values: list[str], order: list[str]) -> list[str]:

@@ -181,7 +181,7 @@ def _summary(
                              for c in [*columns, "final_true_reward"]]  # fmt: skip
                     lines.append(f"| {variant} | {len(chosen)} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += _paired_section(rows, variants)
+    lines += _paired_section(rows, variants, scale)
     if base is not None:
         lines += _stability_section(base, scale, rows, variants, noises)
     lines += _critic_section(rows, variants, noises)
@@ -250,13 +250,12 @@ def _stability_section(
     return [*lines, ""]
 
 
-def _paired_section(rows: list[dict[str, Any]], variants: list[str]) -> list[str]:
+def _paired_section(rows: list[dict[str, Any]], variants: list[str], scale: Scale) -> list[str]:
     if "dfpo" not in variants:
         return []
     # per-domain out-of-domain averages, where a training domain is evaluated on several others ('-' for pairs
     # trained elsewhere)
-    fixed_columns = ("ID AVG", "OOD AVG", "ALL AVG")
-    apart = list(dict.fromkeys(k for r in rows for k in r if k.endswith(" AVG") and k not in fixed_columns))
+    apart = dict.fromkeys(c for r in rows for c in ood_columns(scale, r["domain"]))
     columns = ["ID AVG", *apart, "OOD AVG", "ALL AVG"]
     lines = [
         "## DFPO against each variant, paired by domain, supervision and seed",
