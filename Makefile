@@ -25,8 +25,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# One test worker per core (at most 4): the tests run tiny models that a second torch thread barely speeds up.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4
 
 bench-critics: $(BIN)/.installed
 	$(BIN)/python benchmarks/critic_heads.py

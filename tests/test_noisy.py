@@ -274,7 +274,9 @@ def test_tuning_picks_the_rate_with_the_best_final_true_reward(tmp_path):
 @pytest.mark.slow
 def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     out = tmp_path / "grid"
-    args = ["bench", "noisy", "algos=dfpo,grpo", "noise=flip(0.2)", "tune=1e-5,3e-5", "workers=2", *TINY]
+    # 3 critic updates a step, not the default 16: the grid's plumbing is under test here, not the critic
+    args = ["bench", "noisy", "algos=dfpo,grpo", "noise=flip(0.2)", "tune=1e-5,3e-5", "workers=2",
+            "settings=critic.updates=3", *TINY]  # fmt: skip
     assert main([*args, f"out={out}"]) == 0
     cells = sorted(p.name for p in (out / "cells").glob("*.json"))
     assert cells == [
@@ -346,7 +348,7 @@ def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
 
     scale = SCALES["tiny"]
     budget = _budget(NoisyConfig(steps=4, eval_limit=4), scale)
-    budget["settings"] += ["checkpoint.every=2", "threads=1"]
+    budget["settings"] += ["checkpoint.every=2", "threads=1", "critic.updates=3"]  # extra critic steps, fewer
     records = {}
     for name in ("whole", "resumed"):
         cell = Cell("sub", "dfpo", "flip(0.2)", 0)
