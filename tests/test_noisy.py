@@ -350,18 +350,28 @@ def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
     budget = _budget(NoisyConfig(steps=4, eval_limit=4), scale)
     budget["settings"] += ["checkpoint.every=2", "threads=1", "critic.updates=3"]  # extra critic steps, fewer
     records = {}
-    for name in ("whole", "resumed"):
+    for name in ("whole", "resumed", "early"):
         cell = Cell("sub", "dfpo", "flip(0.2)", 0)
         settings = _cell_settings(scale, budget, cell)
         run_dir = tmp_path / name
         if name == "resumed":  # the first two steps, then the process "dies" after its checkpoint
             Trainer(build_config([*settings, f"run_dir={run_dir}", "steps=2"])).run()
+        if name == "early":  # the process died after its first step, before any checkpoint: it starts over
+            run_dir.mkdir()
+            (run_dir / "metrics.jsonl").write_text('{"step": 1, "reward/true": 0.0}\n')
+            (run_dir / "eval.json").write_text('{"before": {}, "history": [{"step": 1}]}')
         spec = {"id": cell.id, "scale": "tiny", "domain": "sub", "variant": "dfpo", "algo": "dfpo",
                 "noise": "flip(0.2)", "seed": 0, "tuning": False, "settings": settings, "threads": 1,
                 "eval_limit": 4, "run_dir": str(run_dir), "out": str(tmp_path / f"{name}.json")}  # fmt: skip
         run_cell(spec)
         records[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    whole, resumed = records["whole"], records["resumed"]
+    whole, resumed, early = records["whole"], records["resumed"], records["early"]
+
+    def measured(curves):  # all but the timings
+        return [{k: v for k, v in c.items() if not k.startswith("perf/")} for c in curves]
+
+    assert early["resumed_from_step"] == 0 and measured(early["curves"]) == measured(whole["curves"])
+    assert early["heldout"] == whole["heldout"]
     assert [c["step"] for c in resumed["curves"]] == [1, 2, 3, 4]
     for a, b in zip(whole["curves"], resumed["curves"], strict=True):
         assert a["reward/true"] == b["reward/true"]
@@ -370,10 +380,10 @@ def test_an_interrupted_cell_continues_from_its_checkpoint_exactly(tmp_path):
     # the accuracy curve survives the interruption (plus the point the short run took at its own last step)
     assert [p for p in resumed["heldout"] if p["step"] != 2] == whole["heldout"]
     assert (whole["critic_fit"]["steps_seen"], resumed["critic_fit"]["steps_seen"]) == (4, 2)
-    for record in (whole, resumed):
+    for record in (whole, resumed, early):
         for result in record["benchmarks"].values():
             result.pop("seconds")
-    assert whole["benchmarks"] == resumed["benchmarks"]
+    assert whole["benchmarks"] == resumed["benchmarks"] == early["benchmarks"]
 
 
 @pytest.mark.slow

@@ -124,8 +124,9 @@ def run_cell(spec: dict[str, Any]) -> None:
         curves: list[dict[str, Any]] = []
         record["settings"] = []
     else:
-        resume = ["resume=auto"] if (run_dir / ckpt.LATEST).exists() else []
-        config = build_config([*spec["settings"], f"run_dir={run_dir}", *resume])
+        # the run folder is the grid's own: continue from its last checkpoint, or, if the cell was stopped before
+        # its first one, start over (the trainer then drops the partial metrics and evaluations)
+        config = build_config([*spec["settings"], f"run_dir={run_dir}", "resume=auto"])
         if spec["threads"]:
             config = dataclasses.replace(config, threads=spec["threads"])
         # signals=False: the grid stops its cells with SIGTERM and resumes them from their own checkpoints
