@@ -138,6 +138,21 @@ def test_the_report_of_real_smollm2_cells_explains_their_settings_and_the_reward
     assert "## Critic explained variance" in summary
 
 
+def test_a_grid_resumed_on_another_machine_names_each_machine_and_commit():
+    from dfpo.experiments.noisy.report import _machines_text
+
+    first = {"platform": "Linux", "processor": "x86_64", "cores": 2, "python": "3.11.7", "torch": "2.13.0+cpu",
+             "transformers": "5.23.0", "code": "0.1.0 (git aaaaaaa)"}  # fmt: skip
+    later = {**first, "code": "0.1.0 (git bbbbbbb)"}
+    assert _machines_text({"machine": first}) == _machines_text({"machine": first, "sessions": [{"machine": first}]})
+    assert _machines_text({"machine": first}).startswith("Machine: Linux, x86_64, 2 cores")
+    # a grid recorded before sessions kept their machine, then resumed twice from a later commit
+    grid = {"machine": first, "sessions": [{}, {"machine": later}, {"machine": later}]}
+    text = _machines_text(grid)
+    assert text.startswith("Machines and code, in the order")
+    assert text.index("git aaaaaaa") < text.index("git bbbbbbb") and text.count("git bbbbbbb") == 1
+
+
 def test_each_out_of_domain_side_is_averaged_apart_when_there_are_several(tmp_path):
     # SmolLM2 math is evaluated on out-of-domain arithmetic and on science: science cannot move at this scale, so
     # the OOD average alone would flatten what arithmetic shows
@@ -324,6 +339,7 @@ def test_grid_trains_evaluates_reports_and_resumes(tmp_path, capsys):
     assert grid["machine"]["cores"] and grid["budget"]["steps"] == 2
     (session,) = grid["sessions"]  # the invocation's wall time is on record
     assert session["finished"] > session["started"] and (session["cells_before"], session["cells_after"]) == (0, 7)
+    assert session["machine"] == grid["machine"] and "Machine: " in summary  # one machine: named once
     assert "Wall time of the grid: " in summary and "7 cells in " in summary
 
     # the same command again: every cell is finished, nothing runs

@@ -113,6 +113,21 @@ def _domain_settings_line(scale: Scale, records: list[dict[str, Any]]) -> list[s
     return [f"Memory settings of a domain's cells (the same gradient in less memory): {'; '.join(parts)}."]
 
 
+def _machines_text(grid: dict[str, Any]) -> str:
+    """The machine and code of the grid's first invocation, and of every later one that differed (older grids
+    recorded the first only)."""
+
+    def text(m: dict[str, Any]) -> str:
+        return (f"{m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
+                f"transformers {m['transformers']}; dfpo {m.get('code', 'version not recorded')}")  # fmt: skip
+
+    machines = [grid["machine"], *(x["machine"] for x in grid.get("sessions", []) if "machine" in x)]
+    distinct = list(dict.fromkeys(text(m) for m in machines))
+    if len(distinct) == 1:
+        return f"Machine: {distinct[0]}."
+    return f"Machines and code, in the order the invocations first used them: {' | '.join(distinct)}."
+
+
 def _commands(commands: list[str]) -> str:
     """Each distinct command once, in first-run order, and how often the grid was invoked when it was resumed."""
     distinct = list(dict.fromkeys(commands))
@@ -128,16 +143,14 @@ def _summary(
     benchmarks: list[str],
     records: list[dict[str, Any]],
 ) -> list[str]:
-    b, m = grid["budget"], grid["machine"]
+    b = grid["budget"]
     seconds = sum(r["seconds"] for r in rows)
     lines = [
         f"# Noisy-supervision benchmark: {b['scale']} ({scale.model})", "",
         f"Commands: {_commands(grid['commands'])}", "",
         f"Budget of every cell: {b['steps']} steps, settings `{' '.join(b['settings'])}`; {b['eval_limit']} "
         "examples per benchmark, greedy. Accuracy in %, mean ± half-width of the 95% Student-t interval over seeds.",
-        f"Machine: {m['platform']}, {m['processor']}, {m['cores']} cores; Python {m['python']}, torch {m['torch']}, "
-        f"transformers {m['transformers']}; dfpo {m.get('code', 'version not recorded')}. "
-        f"Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
+        f"{_machines_text(grid)} Wall time of the finished cells: {seconds / 3600:.2f} hours of cell "
         f"processes ({len(rows)} cell{'' if len(rows) == 1 else 's'}, base and tuning cells not counted).",
         *_sessions_line(grid),
         *_domain_settings_line(scale, records),

@@ -227,7 +227,9 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
     total = len(first) + len(cells)
     done = total - len(pending(first)) - sum(not p.exists() for p in main_ids)
     runner = _Runner(out, config.workers, total, done)
-    session = {"command": command, "workers": config.workers, "started": time.time(), "cells_before": done}
+    # a grid resumed on another machine or from other code says so: each invocation records its own
+    session = {"command": command, "workers": config.workers, "machine": _machine(), "started": time.time(),
+               "cells_before": done}  # fmt: skip
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the grid as Ctrl-C does: cells are kept
