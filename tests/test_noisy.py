@@ -153,6 +153,17 @@ def test_a_grid_resumed_on_another_machine_names_each_machine_and_commit():
     assert text.index("git aaaaaaa") < text.index("git bbbbbbb") and text.count("git bbbbbbb") == 1
 
 
+def test_the_wall_time_of_a_grid_says_how_many_invocations_recorded_it():
+    from dfpo.experiments.noisy.report import _sessions_line
+
+    session = {"started": 0.0, "finished": 3600.0, "cells_before": 0, "cells_after": 4, "workers": 1}
+    (line,) = _sessions_line({"commands": ["c"], "sessions": [session]})
+    assert line == "Wall time of the grid: 1.00 hours over 1 invocation(s): 4 cells in 60 min (1 at a time)."
+    # three invocations, of which an older version of the code recorded only the one that ended
+    (line,) = _sessions_line({"commands": ["c", "c", "c"], "sessions": [session]})
+    assert "1.00 hours over the 1 of its 3 invocations that recorded theirs" in line
+
+
 def test_each_out_of_domain_side_is_averaged_apart_when_there_are_several(tmp_path):
     # SmolLM2 math is evaluated on out-of-domain arithmetic and on science: science cannot move at this scale, so
     # the OOD average alone would flatten what arithmetic shows
@@ -412,6 +423,9 @@ def test_interrupting_the_grid_keeps_finished_cells_and_resumes(tmp_path):
     while not (out / "runs" / "sub-grpo-clean-seed0" / "latest").exists() and time.time() < deadline:
         time.sleep(0.5)
     assert (out / "cells" / "base.json").exists()
+    # the invocation's record is kept as its cells finish, not only when it ends: a SIGKILL loses no finished cell
+    (session,) = json.loads((out / "grid.json").read_text())["sessions"]
+    assert (session["cells_before"], session["cells_after"]) == (0, 1) and session["finished"] > session["started"]
     parent.send_signal(signal.SIGTERM)  # `kill`, as Ctrl-C (SIGINT) would
     _, err = parent.communicate(timeout=60)
     assert parent.returncode != 0
@@ -429,6 +443,8 @@ def test_interrupting_the_grid_keeps_finished_cells_and_resumes(tmp_path):
     assert [c["step"] for c in record["curves"]] == list(range(1, 31))  # continued, not restarted
     assert record["resumed_from_step"] == 20  # its checkpoint at step 20
     assert json.loads((out / "cells" / "sub-grpo-clean-seed1.json").read_text())["resumed_from_step"] == 0
+    grid = json.loads((out / "grid.json").read_text())
+    assert [(x["cells_before"], x["cells_after"]) for x in grid["sessions"]] == [(0, 1), (1, 3)]
 
 
 def test_noisy_help_lists_its_keys(capsys):

@@ -92,6 +92,11 @@ def _sessions_line(grid: dict[str, Any]) -> list[str]:
     wall = sum(x["finished"] - x["started"] for x in sessions)
     parts = ", ".join(f"{x['cells_after'] - x['cells_before']} cells in {(x['finished'] - x['started']) / 60:.0f} min "
                       f"({x['workers']} at a time)" for x in sessions)  # fmt: skip
+    invocations = len(grid.get("commands", []))
+    if invocations > len(sessions):  # older code recorded an invocation only when it ended, not when killed
+        return [f"Wall time of the grid: {wall / 3600:.2f} hours over the {len(sessions)} of its {invocations} "
+                "invocations that recorded theirs (older code recorded it only when an invocation ended, so the "
+                f"others, killed, left none): {parts}."]  # fmt: skip
     return [f"Wall time of the grid: {wall / 3600:.2f} hours over {len(sessions)} invocation(s): {parts}."]
 
 

@@ -110,10 +110,10 @@ def _cell_context() -> Any:
 class _Runner:
     """Runs cells in child processes, ``workers`` at a time, with a progress bar and ETA."""
 
-    def __init__(self, out: Path, workers: int, total: int, done: int) -> None:
+    def __init__(self, out: Path, workers: int, total: int, done: int, on_done: Any = None) -> None:
         from tqdm import tqdm
 
-        self.out, self.workers = out, workers
+        self.out, self.workers, self.on_done = out, workers, on_done
         self.bar = tqdm(total=total, initial=done, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
         self.running: dict[str, Any] = {}
         self.failed: list[str] = []
@@ -143,6 +143,8 @@ class _Runner:
             elif code == 0:
                 self.bar.update(1)
                 log.unlink(missing_ok=True)  # the cell's record holds its results; logs are kept for failures
+                if self.on_done is not None:
+                    self.on_done(self.bar.n)
             self.bar.set_postfix_str(", ".join(self.running), refresh=True)
 
     def run(self, specs: list[dict[str, Any]]) -> None:
@@ -222,14 +224,22 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
     else:
         grid = {"commands": [command], "budget": budget, "machine": _machine(), "started": time.time()}
     grid["variants"] = sorted(set(grid.get("variants", [])) | set(variants))
-    _write_json(grid_path, grid)
     main_ids = [out / "cells" / f"{c.id}.json" for c in cells]
     total = len(first) + len(cells)
     done = total - len(pending(first)) - sum(not p.exists() for p in main_ids)
-    runner = _Runner(out, config.workers, total, done)
     # a grid resumed on another machine or from other code says so: each invocation records its own
     session = {"command": command, "workers": config.workers, "machine": _machine(), "started": time.time(),
                "cells_before": done}  # fmt: skip
+    grid["sessions"] = [*grid.get("sessions", []), session]
+
+    def record(cells_after: int) -> None:
+        # after every finished cell, so that an invocation killed outright (SIGKILL, the machine lost) keeps its
+        # wall time up to its last cell
+        session.update(finished=time.time(), cells_after=cells_after)
+        _write_json(grid_path, grid)
+
+    record(done)
+    runner = _Runner(out, config.workers, total, done, on_done=record)
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the grid as Ctrl-C does: cells are kept
@@ -250,9 +260,8 @@ def run_noisy(config: NoisyConfig, command: str) -> dict[str, Any]:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
         # each invocation's wall time, so that the grid's is on record however many times it was resumed
-        session.update(finished=time.time(), cells_after=runner.bar.n)
-        grid["sessions"] = [*grid.get("sessions", []), session]
-        _write_json(grid_path, grid)
+        with runner.lock:
+            record(runner.bar.n)
     report = write_report(out)
     if runner.failed:
         raise CellFailed(
